@@ -1,0 +1,41 @@
+"""Train an embedding network on a Ray cluster (local when RAY_ADDRESS is unset), tracked in MLflow.
+
+    python -m jobs.train --config configs/quickstart.yaml [key=value ...]
+
+Prints one final JSON line: {"run_id": ..., "metrics": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (differences from the defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
+    args = p.parse_args(argv)
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.data.shards import ShardError
+    from pipeline.train.driver import run_training
+
+    try:
+        out = run_training(cfg)
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"run_id": out["run_id"], "metrics": out["metrics"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

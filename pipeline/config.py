@@ -1,0 +1,340 @@
+"""One typed config tree: defaults, then a YAML file, then dotted ``key=value`` overrides.
+
+Every field carries a docstring right under it. ``load_config`` raises
+:class:`ConfigError` naming the offending key (and the nearest valid key) for an
+unknown key or a value of the wrong type; the jobs turn that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training shards: a directory written by ``jobs.make_shards`` (its ``train/``), a glob, or a pyarrow URI (s3://...)."""
+    eval: str = ""
+    """Held-out shards evaluated at the end of training (``OUT/holdout``); empty = no evaluation."""
+    image_size: int = 64
+    """Side of the square images fed to the network (resized at read time when they differ)."""
+    decode_concurrency: int = 2
+    """Parallel Ray Data tasks that decode and augment JPEGs."""
+    augment: bool = True
+    """Random horizontal flip during training."""
+    epochs: int = 0
+    """Passes over the training shards to stream; 0 = as many as ``train.steps`` needs."""
+    max_bad_fraction: float = 0.01
+    """Stop with an error when more than this fraction of samples is undecodable."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    """torchvision backbone: resnet18, resnet50, or ``tiny`` (a 4-layer CNN for tests)."""
+    embedding_dim: int = 128
+    """Size of the embedding the loss sees."""
+    normalize: bool = False
+    """L2-normalise the embedding (Sohn's N-pair loss uses unnormalised embeddings + an L2 penalty)."""
+    weights: str = ""
+    """Optional local path to backbone weights (nothing is downloaded)."""
+
+
+@dataclass
+class LossConfig:
+    name: str = "npair_mc"
+    """npair_mc, npair_ovo, triplet, tuplet, contrastive or coupled_clusters."""
+    l2_reg: float = 0.002
+    """Weight of the mean squared embedding norm (Sohn 2016's regulariser, N-pair losses)."""
+    margin: float | None = None
+    """Margin of triplet / contrastive / coupled clusters losses; empty = the loss's default."""
+    cross_rank: bool | None = None
+    """Gather embeddings across DDP ranks so negatives span the global batch; empty = on when world size > 1."""
+
+
+@dataclass
+class BatchConfig:
+    classes_per_batch: int = 16
+    """N: distinct classes in one (global) training batch."""
+    images_per_class: int = 2
+    """Images of each class in a batch (2 for N-pair)."""
+
+
+@dataclass
+class MinerConfig:
+    enabled: bool = False
+    """Hard negative class mining (Sohn 2016); off = random classes."""
+    refresh_every: int = 20
+    """Refresh the class embeddings every this many steps."""
+    pool_classes: int = 64
+    """Classes the batch composer holds to choose N from (Sohn's 'large random set of C classes'), mined or not."""
+    exemplars_per_class: int = 2
+    """Images per class embedded at a refresh."""
+    index: str = "flat"
+    """FAISS index of class embeddings: flat, ivf or hnsw."""
+    timeout_s: float = 2.0
+    """Seconds to wait for the miner before falling back to random classes."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps (each consumes one global batch)."""
+    lr: float = 0.01
+    """Learning rate."""
+    optimizer: str = "sgd"
+    """sgd (momentum 0.9) or adam."""
+    weight_decay: float = 5e-4
+    """Weight decay of the optimizer."""
+    seed: int = 0
+    """Seeds model init, augmentation and batch composition."""
+    log_every: int = 10
+    """Print and log metrics every this many steps."""
+    checkpoint_every: int = 0
+    """Report a checkpoint every this many steps; 0 = only at the end."""
+    storage_path: str = ""
+    """Where Ray Train keeps checkpoints (local path or URI); empty = ./runs."""
+    run_name: str = ""
+    """Name of the Ray Train / MLflow run; empty = generated."""
+    max_failures: int = 0
+    """Worker-group restarts Ray Train may do before giving up."""
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    """DDP workers (one per GPU on a cluster)."""
+    use_gpu: bool = False
+    """One GPU per worker, nccl backend."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs reserved by each training worker."""
+    num_cpus: int = 0
+    """Logical CPUs declared when starting a local Ray instance; 0 = max(8, 4 x cores)."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI; empty = sqlite:///mlflow.db in the working directory."""
+    experiment: str = "dml"
+    """MLflow experiment name."""
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """K of Recall@K."""
+    batch_size: int = 128
+    """Images per inference batch."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards and decoding."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone and embedding head."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Metric learning objective."""
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    """Batch composition."""
+    miner: MinerConfig = field(default_factory=MinerConfig)
+    """Hard negative class mining."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and checkpoints."""
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Workers and devices."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check cross-field constraints; raises ConfigError naming the key."""
+        checks = [
+            ("batch.classes_per_batch", self.batch.classes_per_batch >= 2, "must be >= 2 (negatives need another class)"),
+            ("batch.images_per_class", self.batch.images_per_class >= 2, "must be >= 2 (positives need a pair)"),
+            ("scaling.num_workers", self.scaling.num_workers >= 1, "must be >= 1"),
+            ("train.steps", self.train.steps >= 1, "must be >= 1"),
+            ("train.lr", self.train.lr > 0, "must be > 0"),
+            ("data.image_size", self.data.image_size >= 16, "must be >= 16"),
+            ("model.embedding_dim", self.model.embedding_dim >= 1, "must be >= 1"),
+            ("train.optimizer", self.train.optimizer in ("sgd", "adam"), "must be 'sgd' or 'adam'"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' {why}")
+        if self.batch.classes_per_batch % self.scaling.num_workers:
+            raise ConfigError(
+                f"config key 'batch.classes_per_batch' ({self.batch.classes_per_batch}) must be divisible by "
+                f"'scaling.num_workers' ({self.scaling.num_workers}): each rank gets the same number of classes"
+            )
+        if self.loss.name.startswith("npair") and self.batch.images_per_class != 2:
+            raise ConfigError("config key 'batch.images_per_class' must be 2 for the N-pair losses")
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        keys.append(name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _all_keys(hints[f.name], name + ".")
+    return keys
+
+
+def _unknown(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Return ``value`` converted to ``typ`` (strings from the command line are parsed as YAML first)."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "null", "none")):
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if isinstance(value, str) and typ is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass  # stays a string; the type check below names the key
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, which reads '1e-3' (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(obj: Any, key: str, value: Any) -> None:
+    parts = key.split(".")
+    target = obj
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(type(target))
+        if part not in hints:
+            raise _unknown(key)
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(hints[part]):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config key '{key}' is a section; give a mapping or set '{key}.<field>'")
+                for sub, v in value.items():
+                    _apply(obj, f"{key}.{sub}", v)
+            else:
+                setattr(target, part, _coerce(key, value, hints[part]))
+        else:
+            if not dataclasses.is_dataclass(hints[part]):
+                raise _unknown(key)
+            target = getattr(target, part)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _defaults() -> Config:
+    # Bypass __post_init__: validation runs once, after file and overrides are applied.
+    cfg = Config.__new__(Config)
+    for f in dataclasses.fields(Config):
+        setattr(cfg, f.name, f.default_factory())
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a validated Config from :func:`to_dict` output (e.g. inside a Ray worker)."""
+    cfg = _defaults()
+    for key, value in _flatten(d).items():
+        _apply(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the config: defaults, then the YAML file at ``path``, then ``key=value`` overrides.
+
+    Returns the validated :class:`Config`. Raises :class:`ConfigError` for an unreadable
+    file, an unknown key (with the nearest valid key) or a value of the wrong type.
+    """
+    cfg = _defaults()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at top level")
+        for key, value in _flatten(raw).items():
+            try:
+                _apply(cfg, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{p}: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=50)")
+        key, value = item.split("=", 1)
+        _apply(cfg, key.strip(), value)
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as a nested plain dict (for YAML dumps and MLflow)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_flat_dict(cfg: Config) -> dict[str, Any]:
+    """The config as ``{"section.key": value}`` (MLflow params)."""
+    return _flatten(to_dict(cfg))
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,103 @@
+"""N-pair / M-per-class batch composition from a pool of classes.
+
+Ray Data cannot sample by class, so batches are made before the trainer sees them: the
+composer keeps a pool of about C classes (Sohn's "large random set of classes") filled
+from the class-grouped stream, asks a :class:`ClassSelector` for the classes of the next
+global batch, takes M images of each, and cuts the global batch into one batch per rank.
+Classes whose images are used up leave the pool; new shards refill it.
+
+This module knows nothing of Ray, FAISS or torch: the stream wraps it in a Ray Data UDF.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class ClassSelector(Protocol):
+    """Chooses ``n`` distinct classes out of ``candidates`` (the pool's ready classes)."""
+
+    def select(self, candidates: list[int], n: int, rng: np.random.Generator) -> list[int]: ...
+
+
+class RandomSelector:
+    """Uniformly random classes: the baseline without mining."""
+
+    def select(self, candidates: list[int], n: int, rng: np.random.Generator) -> list[int]:
+        """Return ``n`` distinct classes drawn uniformly from ``candidates``."""
+        return [int(c) for c in rng.choice(np.asarray(candidates), size=n, replace=False)]
+
+
+class BatchComposer:
+    """Assembles batches of ``classes_per_rank * num_ranks`` distinct classes x ``images_per_class``.
+
+    ``add`` feeds decoded samples; ``compose`` returns the finished per-rank batches as
+    ``(images, labels)`` arrays of shape ``(R, K*M, ...)`` and ``(R, K*M)`` where R is a
+    multiple of ``num_ranks``: each consecutive group of ``num_ranks`` rows is one global
+    batch with no class repeated. Within a row, the M images of a class are consecutive.
+    """
+
+    def __init__(
+        self,
+        classes_per_rank: int,
+        images_per_class: int,
+        pool_classes: int,
+        num_ranks: int = 1,
+        selector: ClassSelector | None = None,
+        seed: int = 0,
+    ) -> None:
+        if classes_per_rank < 1 or num_ranks < 1:
+            raise ValueError("classes_per_rank and num_ranks must be >= 1")
+        self.k = classes_per_rank
+        self.m = images_per_class
+        self.ranks = num_ranks
+        self.n_global = classes_per_rank * num_ranks
+        if self.n_global < 2:
+            raise ValueError("a batch needs at least 2 distinct classes")
+        self.pool_target = max(pool_classes, self.n_global)
+        self.selector = selector or RandomSelector()
+        self.rng = np.random.default_rng(seed)
+        self.pool: dict[int, list[np.ndarray]] = {}
+        self.dropped = 0
+        """Images that left the pool unused (a class's last image when fewer than M remain)."""
+        self.batches = 0
+
+    def add(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """Put decoded samples into the pool (``images[i]`` has class ``labels[i]``)."""
+        for img, lab in zip(images, labels):
+            self.pool.setdefault(int(lab), []).append(img)
+
+    def _ready(self) -> list[int]:
+        return [c for c, imgs in self.pool.items() if len(imgs) >= self.m]
+
+    def compose(self, final: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Emit every global batch the pool can make now.
+
+        While streaming, a batch is drawn only when at least ``pool_classes`` classes are
+        ready, so each choice is made from a full pool; with ``final`` the pool is drained
+        down to fewer than N ready classes. Returns lists of per-rank image and label arrays.
+        """
+        out_x, out_y = [], []
+        while True:
+            ready = self._ready()
+            if len(ready) < (self.n_global if final else self.pool_target):
+                break
+            chosen = self.selector.select(sorted(ready), self.n_global, self.rng)
+            if len(chosen) != self.n_global or len(set(chosen)) != self.n_global or not set(chosen) <= set(ready):
+                raise RuntimeError(f"class selector returned {chosen!r}: expected {self.n_global} distinct ready classes")
+            for r in range(self.ranks):
+                xs, ys = [], []
+                for c in chosen[r * self.k : (r + 1) * self.k]:
+                    imgs = self.pool[c]
+                    take = sorted(self.rng.choice(len(imgs), size=self.m, replace=False).tolist(), reverse=True)
+                    xs += [imgs.pop(i) for i in take]
+                    ys += [c] * self.m
+                out_x.append(np.stack(xs))
+                out_y.append(np.asarray(ys, dtype=np.int64))
+            for c in chosen:
+                if len(self.pool[c]) < self.m:
+                    self.dropped += len(self.pool.pop(c))
+            self.batches += 1
+        return out_x, out_y

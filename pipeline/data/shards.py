@@ -1,0 +1,277 @@
+"""Class-grouped WebDataset shards and their manifest.
+
+``write_shards`` turns identities (from a layout) into tar shards where all images of a
+class are contiguous and a class never straddles two shards (a class larger than a
+shard gets shards of its own). Each sample is ``<key>.jpg`` + ``<key>.cls`` (the integer
+class id as ASCII). ``OUT/manifest.json`` records class id <-> name, image counts, the
+shards holding each class and every shard's SHA-256, which also makes conversion
+resumable: a rerun keeps shards whose checksum matches and rewrites the rest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import glob as globlib
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.layouts import ClassItems
+
+MANIFEST = "manifest.json"
+
+
+class ShardError(ValueError):
+    """A shard set cannot be found or read (names the path)."""
+
+
+@dataclass
+class _Planned:
+    path: str  # relative to OUT
+    split: str
+    members: list[tuple[int, ClassItems]]
+
+
+def _encode(src: Path | bytes) -> bytes:
+    """Return JPEG bytes for an image, re-encoding non-JPEG sources; raises on unreadable input."""
+    from PIL import Image
+
+    data = src if isinstance(src, bytes) else Path(src).read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # full decode: catches truncated files that verify() lets through
+        if im.format == "JPEG" and im.mode == "RGB":
+            return data
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # deterministic bytes -> stable checksums across reruns
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_one(out: str, plan: _Planned) -> dict:
+    """Write one shard atomically (tmp file + rename). Returns its manifest entry and problems."""
+    final = Path(out) / plan.path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_suffix(".tar.tmp")
+    counts: dict[int, int] = {}
+    problems, seen = [], set()
+    with tarfile.open(tmp, "w") as tar:
+        for cid, items in plan.members:
+            for src, key in zip(items.images, items.keys):
+                try:
+                    jpg = _encode(src)
+                except Exception as e:  # PIL raises many types for bad files
+                    where = src if isinstance(src, Path) else f"{items.name}/{key}"
+                    problems.append(f"unreadable image (skipped): {where}: {type(e).__name__}: {e}")
+                    continue
+                base = f"{cid:07d}_{key}".replace(".", "_")
+                skey, n = base, 1
+                while skey in seen:  # x.jpg + x.png, or x.y + x_y: WebDataset rejects a repeated key
+                    skey, n = f"{base}_{n}", n + 1
+                seen.add(skey)
+                _add(tar, f"{skey}.jpg", jpg)
+                _add(tar, f"{skey}.cls", str(cid).encode())
+                counts[cid] = counts.get(cid, 0) + 1
+    os.replace(tmp, final)
+    return {
+        "path": plan.path,
+        "split": plan.split,
+        "classes": sorted(counts),
+        "counts": {str(k): v for k, v in sorted(counts.items())},
+        "count": sum(counts.values()),
+        "sha256": _sha256(final),
+        "problems": problems,
+    }
+
+
+def _plan(split: str, members: list[tuple[int, ClassItems]], shard_size: int) -> list[_Planned]:
+    plans, cur, n = [], [], 0
+
+    def flush():
+        nonlocal cur, n
+        if cur:
+            plans.append(_Planned(f"{split}/{split}-{len(plans):06d}.tar", split, cur))
+        cur, n = [], 0
+
+    for cid, items in members:
+        m = len(items.images)
+        if m > shard_size:
+            # A huge class gets shards of its own, cut into chunks of whole pairs.
+            flush()
+            step = max(2, shard_size - shard_size % 2)
+            for s in range(0, m, step):
+                cur = [(cid, ClassItems(items.name, items.images[s : s + step], items.keys[s : s + step]))]
+                flush()
+            continue
+        if n + m > shard_size:
+            flush()
+        cur.append((cid, items))
+        n += m
+    flush()
+    return plans
+
+
+def write_shards(
+    classes: list[ClassItems],
+    out: str | Path,
+    *,
+    holdout_fraction: float = 0.5,
+    shard_size: int = 1000,
+    seed: int = 0,
+    workers: int | None = None,
+    layout: str = "imagefolder",
+    problems: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write class-grouped shards of ``classes`` to ``OUT/train`` and ``OUT/holdout``.
+
+    A random ``holdout_fraction`` of the classes (by ``seed``) goes to ``holdout``; class ids
+    are the index of the class in name order. Unreadable images are skipped and listed in
+    the manifest's ``problems`` (with ``problems`` from the layout scan). Shards already on
+    disk with the checksum recorded in an existing manifest are kept (resume).
+    Returns the manifest (also written to ``OUT/manifest.json``).
+    """
+    out = Path(out)
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise ValueError(f"--holdout-fraction must be in [0, 1), got {holdout_fraction}")
+    if shard_size < 2:
+        raise ValueError(f"--shard-size must be >= 2, got {shard_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    classes = sorted(classes, key=lambda c: c.name)
+    rng = np.random.default_rng(seed)
+    n_hold = int(round(len(classes) * holdout_fraction))
+    hold_ids = set(rng.permutation(len(classes))[:n_hold].tolist())
+    splits = {"train": [], "holdout": []}
+    for cid, items in enumerate(classes):
+        splits["holdout" if cid in hold_ids else "train"].append((cid, items))
+    plans = [p for split, members in splits.items() for p in _plan(split, members, shard_size)]
+
+    old = {}
+    if (out / MANIFEST).exists():
+        try:
+            old = {s["path"]: s for s in json.loads((out / MANIFEST).read_text())["shards"]}
+        except (ValueError, KeyError):
+            old = {}
+    entries, todo = {}, []
+    for p in plans:
+        prev = old.get(p.path)
+        f = out / p.path
+        if prev and f.exists() and prev["classes"] == sorted({c for c, _ in p.members}) and _sha256(f) == prev["sha256"]:
+            entries[p.path] = prev
+        else:
+            todo.append(p)
+    t0 = time.time()
+    workers = workers or min(len(todo), os.cpu_count() or 1) or 1
+    if progress:
+        print(f"[make_shards] {len(plans)} shards ({len(plans) - len(todo)} already done), "
+              f"{sum(len(c.images) for c in classes)} images, {workers} workers", flush=True)
+    with cf.ProcessPoolExecutor(max_workers=workers) as pool:
+        futs = {pool.submit(_write_one, str(out), p): p for p in todo}
+        for i, fut in enumerate(cf.as_completed(futs), 1):
+            e = fut.result()
+            entries[e["path"]] = e
+            if progress:
+                print(f"[make_shards] {i}/{len(todo)} {e['path']}: {e['count']} images "
+                      f"({time.time() - t0:.1f}s)", flush=True)
+    shard_list = [entries[p.path] for p in plans]
+    all_problems = list(problems or []) + [q for e in shard_list for q in e.get("problems", [])]
+    per_class: dict[int, dict] = {}
+    for e in shard_list:
+        for cid_s, cnt in e["counts"].items():
+            c = per_class.setdefault(int(cid_s), {"count": 0, "shards": []})
+            c["count"] += cnt
+            c["shards"].append(e["path"])
+    manifest = {
+        "format": "dml-pipeline/shards-v1",
+        "layout": layout,
+        "seed": seed,
+        "holdout_fraction": holdout_fraction,
+        "classes": [
+            {
+                "id": cid,
+                "name": items.name,
+                "split": "holdout" if cid in hold_ids else "train",
+                "count": per_class.get(cid, {}).get("count", 0),
+                "shards": per_class.get(cid, {}).get("shards", []),
+            }
+            for cid, items in enumerate(classes)
+        ],
+        # Per-shard problems stay in the entry: a resumed run keeps the shard and must still report them.
+        "shards": shard_list,
+        "splits": {
+            s: {
+                "classes": len({c for e in shard_list if e["split"] == s for c in e["classes"]}),
+                "images": sum(e["count"] for e in shard_list if e["split"] == s),
+                "shards": sum(1 for e in shard_list if e["split"] == s),
+            }
+            for s in ("train", "holdout")
+        },
+        "problems": all_problems,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def list_shards(spec: str) -> tuple[list[str], object | None]:
+    """Resolve ``data.train`` / ``data.eval`` into tar paths and a pyarrow filesystem.
+
+    ``spec`` is a local directory (all ``*.tar`` below it), a glob, a single tar, or a URI
+    (``s3://bucket/prefix``) understood by ``pyarrow.fs``. Returns ``(paths, filesystem)``
+    where filesystem is None for local paths. Raises :class:`ShardError` when nothing matches.
+    """
+    if not spec:
+        raise ShardError("no shard location given (set data.train / data.eval)")
+    if "://" in spec:
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(spec)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            paths = [root]
+        else:
+            sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+            paths = sorted(i.path for i in fs.get_file_info(sel) if i.path.endswith(".tar"))
+        if not paths:
+            raise ShardError(f"no .tar shards found at '{spec}'")
+        return paths, fs
+    p = Path(spec)
+    if p.is_dir():
+        paths = sorted(str(x) for x in p.rglob("*.tar"))
+    elif p.is_file():
+        paths = [str(p)]
+    else:
+        paths = sorted(globlib.glob(spec))
+    if not paths:
+        raise ShardError(f"no .tar shards found at '{spec}' (run `python -m jobs.make_shards` first)")
+    return paths, None
+
+
+def find_manifest(spec: str) -> dict | None:
+    """Return the manifest of the shard set that ``spec`` points into (its dir or a parent), or None."""
+    if "://" in spec:
+        return None
+    p = Path(spec.split("*")[0])
+    for d in [p, *p.parents][:3]:
+        if (d / MANIFEST).is_file():
+            return json.loads((d / MANIFEST).read_text())
+    return None

@@ -1,0 +1,1 @@
+"""Evaluation: embed shard sets with Ray Data, then retrieval / verification / VehicleID metrics."""

@@ -1,0 +1,67 @@
+"""Embed a shard set with Ray Data batch inference (model actors; GPU ones when asked)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.data.shards import list_shards
+from pipeline.data.stream import decode_images
+
+
+class Embedder:
+    """Ray Data UDF (actor): JPEG rows -> ``{embedding, label}`` with a model built once per actor."""
+
+    def __init__(self, model_cfg: dict, state_ref: list, image_size: int, use_gpu: bool = False) -> None:
+        import ray
+        import torch
+
+        from pipeline.config import ModelConfig
+        from pipeline.models import build_model
+
+        torch.set_num_threads(1)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = build_model(ModelConfig(**model_cfg))
+        # The state dict travels through the object store inside a list, so Ray does not
+        # resolve it before the actor exists (one copy per node, not per actor).
+        self.model.load_state_dict(ray.get(state_ref[0]))
+        self.model.to(self.device).eval()
+        self.size = image_size
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        imgs, ok = decode_images(batch["jpg"], self.size)
+        labels = np.asarray([int(bytes(c).decode()) for c in batch["cls"]], dtype=np.int64)[ok]
+        with torch.inference_mode():
+            emb = self.model(torch.from_numpy(imgs).to(self.device)).float().cpu().numpy()
+        return {"embedding": emb.astype(np.float32), "label": labels}
+
+
+def embed_shards(spec: str, model_cfg: dict, state_dict: dict, image_size: int, batch_size: int = 128,
+                 concurrency: int = 1, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Embed every image of the shards at ``spec``.
+
+    Returns ``(embeddings (n, d) float32, labels (n,) int64)``. Undecodable images are
+    dropped. Raises ``ShardError`` when ``spec`` matches no shards.
+    """
+    import ray
+    import ray.data
+
+    paths, fs = list_shards(spec)
+    ref = ray.put(state_dict)
+    ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, suffixes=["jpg", "cls"])
+    ds = ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={"model_cfg": model_cfg, "state_ref": [ref], "image_size": image_size, "use_gpu": use_gpu},
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=1,
+    )
+    embs, labels = [], []
+    for b in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        embs.append(b["embedding"])
+        labels.append(b["label"])
+    if not embs:
+        raise ValueError(f"no decodable images in the shards at '{spec}'")
+    return np.concatenate(embs), np.concatenate(labels)

@@ -1,0 +1,36 @@
+"""build_loss: the trainer's way to get a loss by name."""
+
+from __future__ import annotations
+
+from pipeline.losses.base import BatchLoss
+from pipeline.losses.contrastive import ContrastiveLoss
+from pipeline.losses.coupled_clusters import CoupledClustersLoss
+from pipeline.losses.npair import NPairBatchLoss
+from pipeline.losses.triplet import TripletLoss
+from pipeline.losses.tuplet import TupletLoss
+
+LOSS_NAMES = ("npair_mc", "npair_ovo", "triplet", "tuplet", "contrastive", "coupled_clusters")
+_MARGIN_LOSSES = {"triplet": TripletLoss, "contrastive": ContrastiveLoss, "coupled_clusters": CoupledClustersLoss}
+
+
+def build_loss(
+    name: str, *, l2_reg: float = 0.002, margin: float | None = None, cross_rank: bool = False
+) -> BatchLoss:
+    """Return the loss ``name`` as a module whose ``forward(embeddings (B, d), labels (B,))`` gives a scalar.
+
+    The batch is laid out as consecutive blocks of images per class; the N-pair losses need
+    pairs (rows 2i, 2i+1 of one class). ``l2_reg`` weighs the squared-norm penalty of
+    npair_mc, npair_ovo and tuplet and is ignored by the others; ``margin`` is used by
+    triplet (default 0.2), contrastive (1.0) and coupled_clusters (1.0), None = that default.
+    Raises ValueError for an unknown name, or a margin given to a loss without one.
+    """
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSS_NAMES)}")
+    if name in _MARGIN_LOSSES:
+        kwargs = {} if margin is None else {"margin": margin}
+        return _MARGIN_LOSSES[name](cross_rank=cross_rank, **kwargs)
+    if margin is not None:
+        raise ValueError(f"loss {name!r} has no margin, got margin={margin}; leave it empty (None)")
+    if name == "tuplet":
+        return TupletLoss(l2_reg=l2_reg, cross_rank=cross_rank)
+    return NPairBatchLoss(variant=name.removeprefix("npair_"), l2_reg=l2_reg, cross_rank=cross_rank)

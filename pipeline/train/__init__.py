@@ -1,0 +1,1 @@
+"""Training: the driver (Ray, MLflow, TorchTrainer) and the per-worker loop."""

@@ -1,0 +1,119 @@
+"""The driver side of a training job: Ray, MLflow run, TorchTrainer.fit, final evaluation."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from pipeline.config import Config, dump_yaml, to_dict
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to ``RAY_ADDRESS`` when set, else start a local instance bound to loopback.
+
+    On a small machine, declare more logical CPUs than cores: training workers each hold
+    ``scaling.cpus_per_worker`` and Ray Data's read/decode tasks need CPUs of their own,
+    or the stream never starts and the job hangs silently.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        _quiet_ray_data()
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    _quiet_ray_data()
+    cores = os.cpu_count() or 1
+    num_cpus = cfg.scaling.num_cpus or max(8, 4 * cores)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+             configure_logging=True, logging_level="WARNING")
+
+
+def _quiet_ray_data() -> None:
+    # Ray Data's per-operator progress tables flood a terminal every few seconds; the
+    # trainer prints its own progress (steps, images/s, data wait).
+    import logging
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _storage_path(cfg: Config) -> str:
+    return cfg.train.storage_path or os.path.abspath("runs")
+
+
+def _manifest_images(spec: str) -> int | None:
+    from pipeline.data.shards import find_manifest
+
+    m = find_manifest(spec)
+    return m["splits"]["train"]["images"] if m else None
+
+
+def run_training(cfg: Config) -> dict:
+    """Train per ``cfg``, evaluate on ``data.eval`` when set, and track it all in MLflow.
+
+    Returns ``{"run_id": ..., "metrics": {...}, "checkpoint": path}``. The MLflow run ends
+    FINISHED, or FAILED (then the exception propagates), or KILLED on KeyboardInterrupt.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline import tracking
+    from pipeline.data.stream import build_train_dataset
+    from pipeline.train.loop import CKPT_FILE, load_checkpoint, train_loop_per_worker
+
+    init_ray(cfg)
+    uri, run_id = tracking.start_run(cfg, dump_yaml(cfg))
+    print(f"[train] MLflow run {run_id} in {uri}", flush=True)
+    status = "FAILED"
+    try:
+        t0 = time.time()
+        ds = build_train_dataset(cfg, _manifest_images(cfg.data.train))
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.num_workers,
+                use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            ),
+            run_config=ray.train.RunConfig(
+                name=cfg.train.run_name or f"dml-{run_id[:8]}",
+                storage_path=_storage_path(cfg),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            ),
+            datasets={"train": ds},
+        )
+        result = trainer.fit()
+        train_s = time.time() - t0
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        metrics = {"train_loss": float(result.metrics["loss"]), "train_time_s": train_s}
+        with result.checkpoint.as_directory() as d:
+            tracking.log_artifacts(uri, run_id, d, "checkpoint")
+            state = load_checkpoint(os.path.join(d, CKPT_FILE))["model"]
+        tracking.log_metrics(uri, run_id, {"train_time_s": train_s}, step=cfg.train.steps)
+        if cfg.data.eval:
+            from pipeline.eval.evaluate import evaluate_state, initial_state
+
+            ev = evaluate_state(cfg, state, cfg.data.eval)
+            untrained = evaluate_state(cfg, initial_state(cfg), cfg.data.eval)
+            ev.update({f"untrained_{k}": v for k, v in untrained.items()})
+            tracking.log_metrics(uri, run_id, ev, step=cfg.train.steps)
+            metrics.update(ev)
+        status = "FINISHED"
+        return {"run_id": run_id, "metrics": metrics, "checkpoint": result.checkpoint.path}
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(uri, run_id, status)
+        if status != "FINISHED":
+            print(f"[train] run {run_id} ended {status}", file=sys.stderr, flush=True)
