@@ -16,7 +16,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", choices=["imagefolder", "synthetic"], required=True)
     p.add_argument("--src", help="source tree (imagefolder: ROOT/<identity>/<image>.jpg)")
-    p.add_argument("--out", required=True, help="output directory (train/, holdout/, manifest.json)")
+    p.add_argument("--out", required=True, help="output directory (train/, holdout/, exemplars/, manifest.json)")
     p.add_argument("--holdout-fraction", type=float, default=0.5, help="fraction of classes held out for evaluation")
     p.add_argument("--shard-size", type=int, default=1000, help="max images per shard")
     p.add_argument("--seed", type=int, default=0)
@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=200, help="synthetic: identities")
     p.add_argument("--images-per-class", type=int, default=20, help="synthetic: images per identity")
     p.add_argument("--image-size", type=int, default=64, help="synthetic: image side in pixels")
+    p.add_argument("--exemplars-per-class", type=int, default=2,
+                   help="first images of each train class copied to OUT/exemplars/ for the miner's refresh (0 = none)")
     return p.parse_args(argv)
 
 
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         for q in problems:
             print(f"[make_shards] warning: {q}", file=sys.stderr)
         manifest = write_shards(classes, args.out, holdout_fraction=args.holdout_fraction, shard_size=args.shard_size,
-                                seed=args.seed, workers=args.workers or None, layout=args.layout, problems=problems)
+                                seed=args.seed, workers=args.workers or None, layout=args.layout, problems=problems,
+                                exemplars=args.exemplars_per_class)
     except (LayoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,6 +28,8 @@ class DataConfig:
     """Training shards: a directory written by ``jobs.make_shards`` (its ``train/``), a glob, or a pyarrow URI (s3://...)."""
     eval: str = ""
     """Held-out shards evaluated at the end of training (``OUT/holdout``); empty = no evaluation."""
+    exemplars: str = ""
+    """Class-exemplar shards the miner embeds at each refresh (``OUT/exemplars``); empty = the ``exemplars/`` sibling of ``data.train``'s directory when it exists. Used only with ``miner.enabled``."""
     image_size: int = 64
     """Side of the square images fed to the network (resized at read time when they differ)."""
     decode_concurrency: int = 2

@@ -8,11 +8,18 @@ it (absolute paths, so Ray workers whose working directory differs write to the 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
 
 DEFAULT_DB = "mlflow.db"
+
+
+def metric_name(name: str) -> str:
+    """An MLflow-legal metric name: ``recall@1`` -> ``recall_at_1``, ``tar@far=1e-03`` -> ``tar_at_far_1e-03``."""
+    name = name.replace("@", "_at_")
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name).replace("__", "_")
 
 
 def resolve_uri(uri: str) -> str:
@@ -80,14 +87,9 @@ def start_run(cfg, config_yaml: str, dataset: str = "") -> tuple[str, str]:
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     """Log a dict of metrics at one step."""
-    import time
-
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    batch = [Metric(k.replace("@", "_at_"), float(v), ts, step or 0) for k, v in metrics.items()]
-    for i in range(0, len(batch), 500):
-        _client(uri).log_batch(run_id, metrics=batch[i : i + 500])
+    buf = MetricBuffer(uri, run_id)
+    buf.add(step or 0, metrics)
+    buf.flush()
 
 
 class MetricBuffer:
@@ -104,7 +106,7 @@ class MetricBuffer:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.rows += [Metric(k.replace("@", "_at_"), float(v), ts, step) for k, v in metrics.items()]
+        self.rows += [Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items()]
 
     def flush(self) -> None:
         """Send the queued metrics."""

@@ -90,7 +90,7 @@ def synthetic_classes(
     """Generate ``num_classes`` identities of ``images_per_class`` JPEG images each.
 
     Classes come in families of ``family_size`` look-alikes. Deterministic for a seed.
-    Returns identities named ``c00000``, ``c00001``, ...
+    Returns identities named ``c00000``, ``c00001``, ... with images ``<identity>_<nnnn>``.
     """
     from PIL import Image
 
@@ -113,6 +113,6 @@ def synthetic_classes(
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="JPEG", quality=90)
             items.images.append(buf.getvalue())
-            items.keys.append(f"{i:04d}")
+            items.keys.append(f"{items.name}_{i:04d}")  # LFW-style image names: <identity>_<nnnn>
         out.append(items)
     return out

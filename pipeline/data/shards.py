@@ -6,6 +6,12 @@ shard gets shards of its own). Each sample is ``<key>.jpg`` + ``<key>.cls`` (the
 class id as ASCII). ``OUT/manifest.json`` records class id <-> name, image counts, the
 shards holding each class and every shard's SHA-256, which also makes conversion
 resumable: a rerun keeps shards whose checksum matches and rewrites the rest.
+
+With ``exemplars=k`` it also writes ``OUT/exemplars/``: the first k images of every
+TRAIN class, class-grouped in the same sample format, which the hard negative class
+miner embeds at each refresh (``data.exemplars``). They are listed apart from the
+train/holdout shards (``manifest["exemplar_shards"]``, ``splits.exemplars``) so that
+everything keyed on ``shards`` still sees each image once; ``OUT/train`` never holds them.
 """
 
 from __future__ import annotations
@@ -142,8 +148,12 @@ def write_shards(
     layout: str = "imagefolder",
     problems: list[str] | None = None,
     progress: bool = True,
+    exemplars: int = 0,
 ) -> dict:
     """Write class-grouped shards of ``classes`` to ``OUT/train`` and ``OUT/holdout``.
+
+    With ``exemplars`` > 0 also ``OUT/exemplars``: the first ``exemplars`` images of each
+    train class (for the miner's refresh; ``jobs.make_shards`` writes 2 by default).
 
     A random ``holdout_fraction`` of the classes (by ``seed``) goes to ``holdout``; class ids
     are the index of the class in name order. Unreadable images are skipped and listed in
@@ -164,16 +174,22 @@ def write_shards(
     splits = {"train": [], "holdout": []}
     for cid, items in enumerate(classes):
         splits["holdout" if cid in hold_ids else "train"].append((cid, items))
+    if exemplars < 0:
+        raise ValueError(f"--exemplars-per-class must be >= 0, got {exemplars}")
     plans = [p for split, members in splits.items() for p in _plan(split, members, shard_size)]
+    ex_members = [(cid, ClassItems(it.name, it.images[:exemplars], it.keys[:exemplars]))
+                  for cid, it in splits["train"]] if exemplars else []
+    ex_plans = _plan("exemplars", ex_members, shard_size)
 
     old = {}
     if (out / MANIFEST).exists():
         try:
-            old = {s["path"]: s for s in json.loads((out / MANIFEST).read_text())["shards"]}
-        except (ValueError, KeyError):
+            prev_manifest = json.loads((out / MANIFEST).read_text())
+            old = {s["path"]: s for s in prev_manifest["shards"] + prev_manifest.get("exemplar_shards", [])}
+        except (ValueError, KeyError, TypeError):
             old = {}
     entries, todo = {}, []
-    for p in plans:
+    for p in plans + ex_plans:
         prev = old.get(p.path)
         f = out / p.path
         if prev and f.exists() and prev["classes"] == sorted({c for c, _ in p.members}) and _sha256(f) == prev["sha256"]:
@@ -183,7 +199,7 @@ def write_shards(
     t0 = time.time()
     workers = workers or min(len(todo), os.cpu_count() or 1) or 1
     if progress:
-        print(f"[make_shards] {len(plans)} shards ({len(plans) - len(todo)} already done), "
+        print(f"[make_shards] {len(plans) + len(ex_plans)} shards ({len(plans) + len(ex_plans) - len(todo)} already done), "
               f"{sum(len(c.images) for c in classes)} images, {workers} workers", flush=True)
     with cf.ProcessPoolExecutor(max_workers=workers) as pool:
         futs = {pool.submit(_write_one, str(out), p): p for p in todo}
@@ -194,6 +210,8 @@ def write_shards(
                 print(f"[make_shards] {i}/{len(todo)} {e['path']}: {e['count']} images "
                       f"({time.time() - t0:.1f}s)", flush=True)
     shard_list = [entries[p.path] for p in plans]
+    # Exemplars are copies of train images: their problems are already reported by the train shards.
+    ex_list = [entries[p.path] for p in ex_plans]
     all_problems = list(problems or []) + [q for e in shard_list for q in e.get("problems", [])]
     per_class: dict[int, dict] = {}
     for e in shard_list:
@@ -225,7 +243,16 @@ def write_shards(
                 "shards": sum(1 for e in shard_list if e["split"] == s),
             }
             for s in ("train", "holdout")
+        }
+        | {
+            "exemplars": {
+                "classes": len({c for e in ex_list for c in e["classes"]}),
+                "images": sum(e["count"] for e in ex_list),
+                "shards": len(ex_list),
+                "per_class": exemplars,
+            }
         },
+        "exemplar_shards": ex_list,
         "problems": all_problems,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))

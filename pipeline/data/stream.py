@@ -5,11 +5,24 @@ read_webdataset (undecoded bytes) -> decode/augment (parallel CPU tasks) -> batc
 hands each rank its rows with ``streaming_split(equal=True)``, so every rank gets the same
 number of batches; ``iter_torch_batches(batch_size=1)`` yields one whole batch per step.
 A row (not a block) is the unit the splitter never cuts, which keeps N-pair batches whole.
+
+With a miner (``miner`` settings for ``MinerClient``) the composer asks the miner actor for
+the classes of each global batch and every row also carries, all fixed-shape so Ray Data
+keeps tensor columns: ``select_ms`` (wall time of that batch's class selection),
+``fallbacks`` (random selections so far because the miner did not answer),
+``miner_version`` (index version the selection used; -1 = fallback, 0 = miner without
+embeddings), and a random batch "side by side": on every ``random_every``-th global batch,
+``rand_images``/``rand_labels`` hold a batch of the same shape whose classes were drawn
+uniformly from the same pool at the same moment (``has_rand`` True); other rows hold zeros
+and labels -1. The side batch copies pool images without consuming them and uses its own
+rng, so the trained stream is the same with or without it; the trainer embeds it under
+no_grad to log how much harder the mined batches are than random ones.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import zlib
 
 import numpy as np
@@ -61,25 +74,96 @@ class DecodeAugment:
         yield {"image": imgs, "label": labels}
 
 
+class _SideBySideSelector:
+    """Wraps the real selector: times each selection and, every ``random_every``-th one, draws
+    a random batch of the same classes count from the same candidates (images copied, not taken).
+
+    ``calls`` holds one entry per selection since the last ``take()``, in order:
+    ``(select_ms, version, rand_classes or None, rand_images or None)``.
+    """
+
+    def __init__(self, inner, images_per_class: int, random_every: int, seed: int) -> None:
+        self.inner, self.m, self.random_every = inner, images_per_class, random_every
+        self.rng = np.random.default_rng([seed, 0x5EED])  # own stream: the composer's draws stay unchanged
+        self.pool: dict | None = None
+        self.count = 0
+        self.calls: list = []
+
+    def select(self, candidates, n: int, rng: np.random.Generator) -> list[int]:
+        t0 = time.perf_counter()
+        chosen = self.inner.select(candidates, n, rng)
+        ms = 1000.0 * (time.perf_counter() - t0)
+        self.count += 1
+        rand_cls = rand_imgs = None
+        if self.random_every and self.count % self.random_every == 0:
+            rand_cls = [int(c) for c in self.rng.choice(np.asarray(candidates), size=n, replace=False)]
+            rand_imgs = []
+            for c in rand_cls:
+                imgs = self.pool[c]
+                rand_imgs += [imgs[i] for i in self.rng.choice(len(imgs), size=self.m, replace=False)]
+        self.calls.append((ms, getattr(self.inner, "last_version", -1), rand_cls, rand_imgs))
+        return chosen
+
+    def take(self) -> list:
+        calls, self.calls = self.calls, []
+        return calls
+
+
 class ComposeBatches:
-    """Ray Data UDF (stateful actor): decoded rows -> one row per per-rank batch."""
+    """Ray Data UDF (stateful actor): decoded rows -> one row per per-rank batch.
+
+    With ``miner`` (``MinerClient`` keyword arguments) the classes come from the miner and
+    the rows carry the mining columns described in the module docstring.
+    """
 
     def __init__(self, classes_per_rank: int, images_per_class: int, pool_classes: int, num_ranks: int,
-                 seed: int, miner: dict | None = None) -> None:
+                 seed: int, miner: dict | None = None, random_every: int = 10) -> None:
         selector = RandomSelector()
+        self.side = None
         if miner:
             from pipeline.mining.actor import MinerClient
 
-            selector = MinerClient(**miner)
+            self.client = MinerClient(**miner)
+            selector = self.side = _SideBySideSelector(self.client, images_per_class, random_every, seed)
         self.composer = BatchComposer(classes_per_rank, images_per_class, pool_classes, num_ranks, selector, seed)
+        if self.side is not None:
+            self.side.pool = self.composer.pool  # the same dict object for the composer's lifetime
 
     def __call__(self, batch: dict):
         self.composer.add(batch["image"], batch["label"])
         xs, ys = self.composer.compose()
         # A generator UDF: yield nothing while the pool fills. An empty 5-D batch would
         # make Ray Data fall back to pickled objects for the whole column.
-        if xs:
-            yield {"images": np.stack(xs), "labels": np.stack(ys)}
+        if not xs:
+            return
+        out = {"images": np.stack(xs), "labels": np.stack(ys)}
+        if self.side is not None:
+            out.update(self._mining_columns(out["images"], out["labels"]))
+        yield out
+
+    def _mining_columns(self, images: np.ndarray, labels: np.ndarray) -> dict:
+        calls = self.side.take()
+        ranks, per_rank = self.composer.ranks, labels.shape[1]
+        if len(calls) * ranks != len(labels):
+            raise RuntimeError(f"composer made {len(labels)} rows from {len(calls)} selections of {ranks} ranks")
+        rand_x, rand_y = np.zeros_like(images), np.full_like(labels, -1)
+        has = np.zeros(len(labels), dtype=bool)
+        for g, (_, _, cls, imgs) in enumerate(calls):
+            if cls is None:
+                continue
+            rows = slice(g * ranks, (g + 1) * ranks)
+            rand_x[rows] = np.stack(imgs).reshape(ranks, per_rank, *images.shape[2:])
+            rand_y[rows] = np.repeat(np.asarray(cls, dtype=np.int64), self.composer.m).reshape(ranks, per_rank)
+            has[rows] = True
+        # One selection per global batch -> the same value on each of its `ranks` rows.
+        return {
+            "select_ms": np.repeat(np.asarray([c[0] for c in calls], dtype=np.float32), ranks),
+            "miner_version": np.repeat(np.asarray([c[1] for c in calls], dtype=np.int64), ranks),
+            "fallbacks": np.full(len(labels), self.client.fallbacks, dtype=np.int64),
+            "has_rand": has,
+            "rand_images": rand_x,
+            "rand_labels": rand_y,
+        }
 
 
 def epochs_needed(cfg, num_images: int | None) -> int:
@@ -93,8 +177,12 @@ def epochs_needed(cfg, num_images: int | None) -> int:
     return max(1, math.ceil(cfg.train.steps * per_step * 1.5 / num_images) + 1)
 
 
-def build_train_dataset(cfg, num_images: int | None = None, miner: dict | None = None):
+def build_train_dataset(cfg, num_images: int | None = None, miner: dict | None = None, random_every: int = 10):
     """The training ``ray.data.Dataset``: one row = one rank's batch (``images``, ``labels``).
+
+    ``miner``: keyword arguments of ``MinerClient`` (at least ``name``) to select classes
+    with the miner actor; the rows then also hold the mining columns (module docstring),
+    with a random side-by-side batch every ``random_every`` global batches (0 = never).
 
     Shards are listed in a fresh random order each epoch (class-grouping is kept within a
     shard). Raises ``ShardError`` when ``data.train`` matches no shards.
@@ -123,6 +211,7 @@ def build_train_dataset(cfg, num_images: int | None = None, miner: dict | None =
             "num_ranks": world,
             "seed": cfg.train.seed,
             "miner": miner,
+            "random_every": random_every,
         },
         batch_size=None,
         compute=ray.data.ActorPoolStrategy(size=1),

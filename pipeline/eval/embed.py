@@ -34,15 +34,17 @@ class Embedder:
         labels = np.asarray([int(bytes(c).decode()) for c in batch["cls"]], dtype=np.int64)[ok]
         with torch.inference_mode():
             emb = self.model(torch.from_numpy(imgs).to(self.device)).float().cpu().numpy()
-        return {"embedding": emb.astype(np.float32), "label": labels}
+        keys = np.asarray([str(k) for k in batch["__key__"]], dtype=object)[ok]
+        return {"embedding": emb.astype(np.float32), "label": labels, "key": keys}
 
 
 def embed_shards(spec: str, model_cfg: dict, state_dict: dict, image_size: int, batch_size: int = 128,
-                 concurrency: int = 1, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 concurrency: int = 1, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Embed every image of the shards at ``spec``.
 
-    Returns ``(embeddings (n, d) float32, labels (n,) int64)``. Undecodable images are
-    dropped. Raises ``ShardError`` when ``spec`` matches no shards.
+    Returns ``(embeddings (n, d) float32, labels (n,) int64, keys (n,) str)`` where a key is
+    the sample's shard key ``<class id>_<image stem>``. Undecodable images are dropped.
+    Raises ``ShardError`` when ``spec`` matches no shards.
     """
     import ray
     import ray.data
@@ -58,10 +60,11 @@ def embed_shards(spec: str, model_cfg: dict, state_dict: dict, image_size: int, 
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
     )
-    embs, labels = [], []
+    embs, labels, keys = [], [], []
     for b in ds.iter_batches(batch_size=4096, batch_format="numpy"):
         embs.append(b["embedding"])
         labels.append(b["label"])
+        keys.append(b["key"])
     if not embs:
         raise ValueError(f"no decodable images in the shards at '{spec}'")
-    return np.concatenate(embs), np.concatenate(labels)
+    return np.concatenate(embs), np.concatenate(labels), np.concatenate(keys).astype(str)

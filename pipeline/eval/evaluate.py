@@ -1,13 +1,25 @@
-"""Evaluate weights on a held-out shard set: embed with Ray Data, then retrieval metrics."""
+"""Evaluate weights on a shard set: embed with Ray Data, then one of the seeds' protocols.
+
+Protocols:
+  * ``retrieval`` (Sohn 2016 on unseen classes): Recall@K, NMI, F1, MAP@R.
+  * ``verification`` (LFW): 10-fold pair accuracy, TAR@FAR, ROC (plot); pairs from a
+    ``pairs.txt``; images are matched by file stem (``<name>_<nnnn>``).
+  * ``vehicleid`` (Liu et al. 2016): one random gallery image per vehicle, 10 repeats,
+    CMC Top-1/Top-5 (plot) and mAP; vehicles and images from a ``test_list_*.txt``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.config import Config
+
+PROTOCOLS = ("retrieval", "verification", "vehicleid")
 
 
 def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
@@ -18,32 +30,106 @@ def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
     return build_model(cfg.model).state_dict()
 
 
-def evaluate_state(cfg: Config, state: dict, data: str) -> dict[str, float]:
-    """Embed the shards at ``data`` with ``state`` and return Recall@K (``eval.ks``), NMI, F1, MAP@R.
-
-    Keys: ``recall@{k}``, ``nmi``, ``f1``, ``map@r``, ``num_eval_images``, ``num_eval_classes``.
-    """
-    import numpy as np
-
+def _embed(cfg: Config, state: dict, data: str):
     from pipeline.eval.embed import embed_shards
-    from pipeline.eval.retrieval import retrieval_metrics
 
-    emb, labels = embed_shards(
+    return embed_shards(
         data, dataclasses.asdict(cfg.model), state, cfg.data.image_size, cfg.eval.batch_size,
         concurrency=max(1, min(4, (os.cpu_count() or 1))), use_gpu=cfg.scaling.use_gpu,
     )
-    out = retrieval_metrics(emb, labels, ks=tuple(cfg.eval.ks), seed=cfg.train.seed)
+
+
+def _stem(key: str) -> str:
+    """Shard key ``<class id>_<image stem>`` -> image stem."""
+    return key.split("_", 1)[1] if "_" in key else key
+
+
+def _rows_for(names: list[str], keys: np.ndarray, source: str) -> np.ndarray:
+    index = {_stem(k): i for i, k in enumerate(keys)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} images named in '{source}' are not in the shards "
+                         f"(first: {missing[:3]}); check --data")
+    return np.asarray([index[n] for n in names])
+
+
+def _plot(path: Path, x, y, xlabel: str, ylabel: str, title: str, log_x: bool = False) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    ax.plot(x, y, lw=2)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def evaluate_state(cfg: Config, state: dict, data: str, protocol: str = "retrieval", pairs: str = "",
+                   test_list: str = "", plot_dir: str | None = None) -> dict[str, float]:
+    """Embed the shards at ``data`` with ``state`` and run ``protocol``.
+
+    Returns scalar metrics: retrieval -> ``recall@{k}`` (``eval.ks``), ``nmi``, ``f1``, ``map@r``;
+    verification -> ``lfw_accuracy``, ``lfw_accuracy_std``, ``tar@far=1e-03``, ``tar@far=1e-04``,
+    ``auc``; vehicleid -> ``top1``, ``top5`` (+ ``_std``), ``map``. Plots (ROC, CMC) are written
+    to ``plot_dir`` when given. Raises ValueError for an unknown protocol or a missing file.
+    """
+    from pipeline.eval.retrieval import retrieval_metrics
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol '{protocol}' (choose {', '.join(PROTOCOLS)})")
+    if protocol == "verification" and not pairs:
+        raise ValueError("the verification protocol needs --pairs FILE (LFW pairs.txt format)")
+    if protocol == "vehicleid" and not test_list:
+        raise ValueError("the vehicleid protocol needs --test-list FILE (VehicleID test_list_*.txt format)")
+    emb, labels, keys = _embed(cfg, state, data)
+    out: dict[str, float] = {}
+    if protocol == "retrieval":
+        out = retrieval_metrics(emb, labels, ks=tuple(cfg.eval.ks), seed=cfg.train.seed)
+    elif protocol == "verification":
+        from pipeline.eval.verification import cosine_scores, read_lfw_pairs, verification_metrics
+
+        plist = read_lfw_pairs(pairs)
+        left = _rows_for([p.left.split("/")[-1] for p in plist], keys, pairs)
+        right = _rows_for([p.right.split("/")[-1] for p in plist], keys, pairs)
+        v = verification_metrics(cosine_scores(emb[left], emb[right]), np.array([p.is_same for p in plist]),
+                                 np.array([p.fold for p in plist]))
+        out = {"lfw_accuracy": v["accuracy"], "lfw_accuracy_std": v["accuracy_std"], "auc": v["auc"]}
+        out.update({k: v[k] for k in v if k.startswith("tar@far=")})
+        if plot_dir:
+            _plot(Path(plot_dir) / "roc.png", np.maximum(v["roc_fpr"], 1e-5), v["roc_tpr"], "false accept rate",
+                  "true accept rate", f"ROC (accuracy {v['accuracy']:.3f})", log_x=True)
+    else:
+        from pipeline.eval.vehicleid import read_test_list, vehicleid_protocol
+
+        entries = read_test_list(test_list)
+        rows = _rows_for([Path(name).stem for name, _ in entries], keys, test_list)
+        v = vehicleid_protocol(emb[rows], np.array([vid for _, vid in entries]), repeats=10, seed=cfg.train.seed)
+        out = {k: float(v[k]) for k in ("top1", "top1_std", "top5", "top5_std", "map", "map_std")}
+        if plot_dir:
+            cmc = v["cmc"]
+            _plot(Path(plot_dir) / "cmc.png", np.arange(1, len(cmc) + 1), cmc, "rank", "match rate",
+                  f"CMC ({Path(test_list).name}, top-1 {v['top1']:.3f})")
     out["num_eval_images"] = float(len(labels))
     out["num_eval_classes"] = float(len(np.unique(labels)))
     return out
 
 
-def evaluate_run(run_id: str, data: str = "", tracking_uri: str = "") -> dict:
-    """Evaluate a finished run's checkpoint (from MLflow) and log the metrics to the same run.
+def evaluate_run(run_id: str, data: str = "", tracking_uri: str = "", protocol: str = "retrieval",
+                 pairs: str = "", test_list: str = "") -> dict:
+    """Evaluate a finished run's checkpoint (from MLflow) and log metrics and plots to the same run.
 
-    ``data`` defaults to the run's ``data.eval``. Returns ``{"run_id", "metrics"}``.
+    ``data`` defaults to the run's ``data.eval``. Returns ``{"run_id", "protocol", "metrics"}``.
     Raises LookupError for an unknown run and FileNotFoundError when it has no checkpoint.
     """
+    import tempfile
+
     import yaml
 
     from pipeline import tracking
@@ -61,8 +147,15 @@ def evaluate_run(run_id: str, data: str = "", tracking_uri: str = "") -> dict:
     data = data or cfg.data.eval
     if not data:
         raise ValueError(f"run '{run_id}' has no data.eval; pass --data SHARDS")
+    for f in (pairs, test_list):
+        if f and not Path(f).is_file():
+            raise FileNotFoundError(f"file '{f}' does not exist")
     init_ray(cfg)
-    metrics = evaluate_state(cfg, load_checkpoint(ckpt)["model"], data)
+    with tempfile.TemporaryDirectory() as plots:
+        metrics = evaluate_state(cfg, load_checkpoint(ckpt)["model"], data, protocol, pairs, test_list, plots)
+        if os.listdir(plots):
+            tracking.log_artifacts(uri, run_id, plots, f"eval/{protocol}")
     step = int(run.data.params.get("train.steps", 0))
-    tracking.log_metrics(uri, run_id, metrics, step=step)
-    return {"run_id": run_id, "metrics": metrics}
+    prefix = "" if protocol == "retrieval" else f"{protocol}/"
+    tracking.log_metrics(uri, run_id, {prefix + k: v for k, v in metrics.items()}, step=step)
+    return {"run_id": run_id, "protocol": protocol, "metrics": metrics}

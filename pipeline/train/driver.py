@@ -55,6 +55,45 @@ def _manifest_images(spec: str) -> int | None:
     return m["splits"]["train"]["images"] if m else None
 
 
+def start_miner(cfg: Config, uri: str, run_id: str) -> tuple[list, dict, dict]:
+    """Start the hard negative class miner for a run and fill it with the initial weights.
+
+    Creates the miner actor (``miner-<run_id>``) and the refresher actor
+    (``miner-refresher-<run_id>``), then runs one refresh synchronously with the initial
+    weights (the same every worker starts from), so the first batches are already mined;
+    its wall time is logged as ``mine/refresh_s`` at step 0.
+
+    Returns:
+        ``(actor handles to keep referenced during fit, the loop's miner settings, the
+        stream's MinerClient settings)``.
+
+    Raises:
+        ShardError: no class-exemplar shards (``data.exemplars``).
+    """
+    import dataclasses
+
+    import ray
+
+    from pipeline import tracking
+    from pipeline.eval.evaluate import initial_state
+    from pipeline.mining.actor import get_or_create_miner
+    from pipeline.mining.refresh import get_or_create_refresher, resolve_exemplars
+
+    exemplars = resolve_exemplars(cfg.data.train, cfg.data.exemplars)
+    name = f"miner-{run_id}"
+    miner = get_or_create_miner(name, dim=cfg.model.embedding_dim, index=cfg.miner.index)
+    refresher = get_or_create_refresher(
+        f"miner-refresher-{run_id}", name, exemplars, dataclasses.asdict(cfg.model), cfg.data.image_size,
+        per_class=cfg.miner.exemplars_per_class, use_gpu=cfg.scaling.use_gpu,
+    )
+    first = ray.get(refresher.refresh.remote([ray.put(initial_state(cfg))], 0))
+    print(f"[train] miner {name}: {first['classes']} classes from {exemplars}, "
+          f"version {first['version']} in {first['refresh_s']:.1f}s", flush=True)
+    tracking.log_metrics(uri, run_id, {"mine/refresh_s": first["refresh_s"],
+                                       "mine/refresh_version": first["version"]}, step=0)
+    return [miner, refresher], {"refresher": f"miner-refresher-{run_id}"}, {"name": name, "timeout_s": cfg.miner.timeout_s}
+
+
 def run_training(cfg: Config) -> dict:
     """Train per ``cfg``, evaluate on ``data.eval`` when set, and track it all in MLflow.
 
@@ -74,10 +113,12 @@ def run_training(cfg: Config) -> dict:
     status = "FAILED"
     try:
         t0 = time.time()
-        ds = build_train_dataset(cfg, _manifest_images(cfg.data.train))
+        # The miner and refresher actors live as long as these handles: keep them until fit ends.
+        miner_actors, loop_miner, ds_miner = start_miner(cfg, uri, run_id) if cfg.miner.enabled else ([], None, None)
+        ds = build_train_dataset(cfg, _manifest_images(cfg.data.train), miner=ds_miner)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id},
+            train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id, "miner": loop_miner},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
                 use_gpu=cfg.scaling.use_gpu,
@@ -93,6 +134,8 @@ def run_training(cfg: Config) -> dict:
         )
         result = trainer.fit()
         train_s = time.time() - t0
+        for actor in miner_actors:
+            ray.kill(actor)  # an unfinished refresh dies with them; nothing waits on it
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         metrics = {"train_loss": float(result.metrics["loss"]), "train_time_s": train_s}

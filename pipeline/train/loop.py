@@ -2,6 +2,15 @@
 
 Every rank reports metrics through ``ray.train.report``; only rank 0 attaches checkpoints
 and logs per-step metrics to MLflow.
+
+Mining metrics (rank 0, per step, ``mine/*``): the hardness of the batch it trained on
+(``pipeline.mining.hardness``, from the embeddings already computed, under no_grad) -- of
+rank 0's own batch, not the global one: ``streaming_split`` does not keep the rows of one
+global batch on the same step across ranks, so a gathered "global" batch would not be one.
+With the miner on, also the composer's columns (selection time, fallbacks, index version),
+the same hardness of the random side-by-side batch when the row carries one, and the
+asynchronous refreshes (``pipeline.mining.refresh.AsyncRefresh``) that rank 0 starts every
+``miner.refresh_every`` steps without waiting for them.
 """
 
 from __future__ import annotations
@@ -34,8 +43,46 @@ def load_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def side_embeddings(module: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Embed ``images`` under no_grad in the module's current (train) mode without touching it.
+
+    BatchNorm in train mode normalises with the batch's statistics, as for the trained
+    batch, but would also update its running statistics: the forward runs on copies of the
+    buffers (``torch.func.functional_call``), so the model is left exactly as it was. Call it
+    on the unwrapped module: a DDP forward is a collective (buffer broadcast) and only rank 0
+    makes this one. Returns the (B, d) embeddings.
+    """
+    from torch.func import functional_call
+
+    state = dict(module.named_parameters())
+    state.update({k: v.clone() for k, v in module.named_buffers()})
+    with torch.no_grad():
+        return functional_call(module, state, (images,))
+
+
+def _mining_metrics(batch: dict, emb: torch.Tensor, labels: torch.Tensor, module: torch.nn.Module) -> dict:
+    """Rank 0's per-step ``mine/*`` metrics of one batch (see the module docstring)."""
+    from pipeline.mining.hardness import batch_hardness
+
+    # NaN (a rank batch of one class has no negative) is left out rather than logged.
+    out = {f"mine/{k}": v for k, v in batch_hardness(emb.detach(), labels).items() if v == v}
+    if "miner_version" in batch:
+        out["mine/select_ms"] = float(batch["select_ms"][0])
+        out["mine/fallbacks"] = float(batch["fallbacks"][0])
+        out["mine/index_version"] = float(batch["miner_version"][0])
+        if bool(batch["has_rand"][0]):
+            rand_emb = side_embeddings(module, batch["rand_images"][0].to(emb.device))
+            rand = batch_hardness(rand_emb, batch["rand_labels"][0].to(emb.device))
+            out.update({f"mine/random_{k}": v for k, v in rand.items() if v == v})
+    return out
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry point. ``loop_config`` holds ``cfg`` (the config as a dict), ``tracking_uri`` and ``run_id``."""
+    """Ray Train entry point.
+
+    ``loop_config`` holds ``cfg`` (the config as a dict), ``tracking_uri``, ``run_id`` and
+    ``miner``: None, or ``{"refresher": actor name}`` when mining is on.
+    """
     import ray.train
     import ray.train.torch
 
@@ -55,6 +102,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loss_fn = build_loss(cfg.loss.name, l2_reg=cfg.loss.l2_reg, margin=cfg.loss.margin, cross_rank=cross_rank)
     optimizer = make_optimizer(cfg, model.parameters())
     metrics_out = MetricBuffer(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    refresher = None
+    if rank == 0 and loop_config.get("miner"):
+        from pipeline.mining.refresh import AsyncRefresh
+
+        refresher = AsyncRefresh(loop_config["miner"]["refresher"])
 
     shard = ray.train.get_dataset_shard("train")
     step, t_last, t_wait, losses = 0, time.perf_counter(), 0.0, []
@@ -64,14 +116,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
         images = batch["images"][0].to(device, non_blocking=True)
         labels = batch["labels"][0].to(device)
         model.train()
-        loss = loss_fn(model(images), labels)
+        emb = model(images)
+        loss = loss_fn(emb, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
         losses.append(loss.item())
         if metrics_out is not None:
-            metrics_out.add(step, {"train/loss": losses[-1]})
+            t_mine = time.perf_counter()
+            row = {"train/loss": losses[-1], **_mining_metrics(batch, emb, labels, _unwrap(model))}
+            if refresher is not None:
+                done = refresher.poll()
+                if done is not None:
+                    row.update({"mine/refresh_s": done["refresh_s"], "mine/refresh_version": done["version"],
+                                "mine/refresh_lag_steps": step - done["step"]})
+                if step % cfg.miner.refresh_every == 0:
+                    # state_dict() tensors are views of the live weights; ray.put copies them now.
+                    refresher.request({k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}, step)
+                    row["mine/refresh_skipped"] = refresher.skipped
+                    row["mine/refresh_failed"] = refresher.failed
+            row["mine/rank0_overhead_ms"] = 1000.0 * (time.perf_counter() - t_mine)
+            metrics_out.add(step, row)
         last = step >= cfg.train.steps
         if step % cfg.train.log_every == 0 or last:
             dt = time.perf_counter() - t_last

@@ -70,3 +70,47 @@ def test_evaluate_job_reproduces_the_run_metrics(trained):
     assert ev["run_id"] == out["run_id"]
     assert ev["metrics"]["recall@1"] == pytest.approx(out["metrics"]["recall@1"], abs=1e-9)
     assert ev["metrics"]["num_eval_images"] == 160
+
+
+def test_evaluate_job_verification_and_vehicleid_protocols(trained, tiny_shards):
+    """An LFW-format pairs.txt and a VehicleID-format test list over the held-out images.
+
+    Synthetic images are named like LFW's: ``<identity>_<nnnn>`` (0-based here).
+    """
+    from mlflow.tracking import MlflowClient
+
+    work, out = trained
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    hold = [c["name"] for c in manifest["classes"] if c["split"] == "holdout"]
+    lines = ["10\t1"]
+    for f in range(10):
+        a, b = hold[f % len(hold)], hold[(f + 1) % len(hold)]
+        lines += [f"{a}\t1\t2", f"{a}\t1\t{b}\t3"]
+    (work / "pairs.txt").write_text("\n".join(lines) + "\n")
+    ver = _run(["jobs.evaluate", "--run-id", out["run_id"], "--protocol", "verification",
+                "--pairs", str(work / "pairs.txt")], cwd=work)
+    acc = ver["metrics"]["lfw_accuracy"]
+    assert ver["protocol"] == "verification" and 0.0 <= acc <= 1.0
+    # 10 folds of 1 matched + 1 mismatched pair: each fold's accuracy is 0, 0.5 or 1.
+    assert (acc * 20) == pytest.approx(round(acc * 20))
+
+    test_list = [f"{name}_{i:04d} {vid}" for vid, name in enumerate(hold[:10]) for i in range(8)]
+    (work / "test_list_800.txt").write_text("\n".join(test_list) + "\n")
+    veh = _run(["jobs.evaluate", "--run-id", out["run_id"], "--protocol", "vehicleid",
+                "--test-list", str(work / "test_list_800.txt")], cwd=work)
+    m = veh["metrics"]
+    assert 0.0 <= m["top1"] <= m["top5"] <= 1.0
+    # AP = 1/rank of the true gallery image, and rank <= 10 vehicles: mAP in [max(top1, 0.1), 1].
+    assert max(m["top1"], 0.1) - 1e-9 <= m["map"] <= 1.0
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    run = client.get_run(out["run_id"])
+    assert run.data.metrics["verification/lfw_accuracy"] == pytest.approx(acc)
+    assert run.data.metrics["vehicleid/top1"] == pytest.approx(m["top1"])
+    arts = {a.path for a in client.list_artifacts(out["run_id"], "eval/vehicleid")}
+    assert "eval/vehicleid/cmc.png" in arts
+    from PIL import Image
+
+    png = client.download_artifacts(out["run_id"], "eval/verification/roc.png", str(work))
+    with Image.open(png) as im:
+        assert im.size == (500, 400) and len(set(im.convert("L").tobytes())) > 10
