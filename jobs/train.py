@@ -33,8 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     except ShardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    _shutdown_ray()  # Ray's exit-time log lines must not follow the final JSON line
     print(json.dumps({"run_id": out["run_id"], "metrics": out["metrics"]}))
     return 0
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

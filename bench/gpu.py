@@ -1,0 +1,238 @@
+"""One prepared GPU benchmark: compute ceiling, the pipeline's cost, and FAISS mining at 1M classes.
+
+    python bench/gpu.py [--budget-s 420] [--compile] [--batch 256] [--dry-run]
+
+On one GPU, in under 8 minutes, it measures:
+  1. the bf16 matmul rate (the denominator of MFU);
+  2. training images/s of ResNet-50 at 224x224 and ResNet-50 / IResNet-50 at 112x112 on
+     synthetic tensors (bf16 autocast, channels_last, optional torch.compile): the ceiling;
+  3. the same ResNet-50 training fed by the real stream (synthetic JPEG shards -> Ray Data
+     read/decode/compose -> the training step), with the fraction of step time spent waiting
+     for data: the pipeline's cost;
+  4. FAISS GPU index build (refresh) and greedy selection for 1M classes at d = 512.
+Prints MFU (model FLOPs / measured bf16 matmul rate) and one final JSON line.
+
+Needs only torch, ray, faiss and webdataset (plus this repository). Without a GPU it exits
+with code 2 and says so; ``--dry-run`` runs the same logic on the CPU with a tiny model and
+tiny sizes (for CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Forward + backward FLOPs per image (3x the forward multiply-adds x 2), from the standard
+# counts: ResNet-50 at 224 has 4.1 GMACs forward -> 24.5 GFLOP per training image.
+FLOPS_PER_IMAGE = {("resnet50", 224): 24.5e9, ("resnet50", 112): 24.5e9 / 4, ("iresnet50", 112): 6.3e9 * 2 * 3}
+
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_env(dry: bool):
+    """Import what the benchmark needs or exit 2 naming what is missing; returns (torch, device)."""
+    missing = []
+    for mod in ("torch", "ray", "faiss", "webdataset", "numpy"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        fail(f"missing Python packages: {', '.join(missing)} (pip install torch 'ray[data]' faiss-gpu webdataset)")
+    import torch
+
+    if dry:
+        return torch, torch.device("cpu")
+    if not torch.cuda.is_available():
+        fail("no CUDA GPU visible to torch (torch.cuda.is_available() is False); "
+             "run on a GPU machine, or pass --dry-run to check the logic on the CPU")
+    return torch, torch.device("cuda")
+
+
+def matmul_rate(torch, device, dry: bool) -> float:
+    """Measured bf16 (GPU) / fp32 (CPU dry run) matmul FLOP/s on large square matrices."""
+    n = 256 if dry else 8192
+    dtype = torch.float32 if dry else torch.bfloat16
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(torch, device)
+    reps = 5 if dry else 50
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(torch, device)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def sync(torch, device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(name: str, torch, dry: bool):
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_model
+
+    if dry:
+        name = "tiny"
+    try:
+        return build_model(ModelConfig(backbone=name, embedding_dim=512))
+    except ValueError:
+        return None
+
+
+def train_rate(torch, device, model, size: int, batch: int, steps: int, compile_: bool, batches=None) -> dict:
+    """Images/s of N-pair training steps; ``batches`` (an iterator of (images, labels)) = real stream."""
+    from pipeline.losses import build_loss
+
+    model = model.to(device).to(memory_format=torch.channels_last)
+    if compile_:
+        model = torch.compile(model)
+    loss_fn = build_loss("npair_mc")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    labels = torch.arange(batch // 2, device=device).repeat_interleave(2)
+    synth = torch.randint(0, 255, (batch, size, size, 3), dtype=torch.uint8, device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    wait = 0.0
+    done = 0
+    t0 = None
+    for i in range(steps + 3):
+        if i == 3:  # warm-up steps excluded (cudnn autotune, compile)
+            sync(torch, device)
+            t0, wait, done = time.perf_counter(), 0.0, 0
+        if batches is not None:
+            tw = time.perf_counter()
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            wait += time.perf_counter() - tw
+        else:
+            x, y = synth, labels
+        with amp:
+            emb = model(x)
+        loss = loss_fn(emb.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done += x.shape[0]
+    sync(torch, device)
+    dt = time.perf_counter() - (t0 or time.perf_counter())
+    return {"images_per_s": done / dt if dt > 0 else 0.0, "data_wait_frac": wait / dt if dt > 0 else 0.0,
+            "images": done, "seconds": dt}
+
+
+def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir: str):
+    """Synthetic JPEG shards -> the project's Ray Data stream -> (images, labels) tensors."""
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.data.layouts import synthetic_classes
+    from pipeline.data.shards import write_shards
+    from pipeline.data.stream import build_train_dataset
+
+    n_cls, per = (40, 8) if dry else (400, 20)
+    write_shards(synthetic_classes(n_cls, per, image_size=size, seed=0), workdir, holdout_fraction=0.0,
+                 shard_size=200 if dry else 1000, progress=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1",
+                 logging_level="WARNING")
+    cfg = load_config(None, [f"data.train={workdir}/train", f"data.image_size={size}", "scaling.num_workers=1",
+                             f"batch.classes_per_batch={classes_per_batch}", f"miner.pool_classes={2 * classes_per_batch}",
+                             f"data.decode_concurrency={2 if dry else max(2, (os.cpu_count() or 2) - 2)}",
+                             "data.epochs=20"])
+    ds = build_train_dataset(cfg)
+    it = ds.iter_torch_batches(batch_size=1, prefetch_batches=4, pin_memory=not dry)
+    return ((b["images"][0], b["labels"][0]) for b in it)
+
+
+def faiss_mining(dry: bool) -> dict:
+    """Index build (a refresh's swap) and greedy selection for C classes at d = 512."""
+    import faiss
+    import numpy as np
+
+    from pipeline.mining.class_index import ClassEmbeddingIndex
+
+    c, d = (20_000, 64) if dry else (1_000_000, 512)
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((c, d), dtype=np.float32)
+    idx = ClassEmbeddingIndex(d)
+    t = time.perf_counter()
+    idx.update(np.arange(c, dtype=np.int64), emb)
+    build_s = time.perf_counter() - t
+    pool = rng.choice(c, size=min(c, 100_000), replace=False)
+    t = time.perf_counter()
+    sel = idx.select(pool.tolist(), 192, np.random.default_rng(1))
+    select_s = time.perf_counter() - t
+    assert len(set(sel)) == 192
+    return {"classes": c, "dim": d, "gpus": faiss.get_num_gpus(), "build_s": build_s,
+            "select_N192_pool100k_s": select_s}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny model and sizes: checks the logic")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--batch", type=int, default=256, help="images per training step (N-pair: N = batch / 2)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    args = p.parse_args()
+    dry = args.dry_run
+    torch, device = check_env(dry)
+    batch, steps = (8, 2) if dry else (args.batch, args.steps)
+    t_start = time.time()
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"}
+    peak = matmul_rate(torch, device, dry)
+    res["matmul_flops"] = peak
+    print(f"[gpu] {res['device']}: matmul {peak / 1e12:.1f} TFLOP/s", flush=True)
+    ceilings = {}
+    for name, size in (("resnet50", 224), ("resnet50", 112), ("iresnet50", 112)):
+        model = build(name, torch, dry)
+        if model is None:
+            print(f"[gpu] {name} not available in pipeline.models, skipped", flush=True)
+            continue
+        r = train_rate(torch, device, model, 32 if dry else size, batch, steps, args.compile)
+        # A dry run trains a tiny CNN on 32x32 images: an MFU from ResNet FLOPs would be meaningless.
+        r["mfu"] = None if dry else r["images_per_s"] * FLOPS_PER_IMAGE[(name, size)] / peak
+        ceilings[f"{name}@{size}"] = r
+        mfu = "n/a (dry run)" if dry else f"{100 * r['mfu']:.1f}%"
+        print(f"[gpu] synthetic {name}@{size}: {r['images_per_s']:.0f} img/s, MFU {mfu}", flush=True)
+    res["synthetic"] = ceilings
+    with tempfile.TemporaryDirectory() as work:
+        size = 32 if dry else 224
+        batches = stream_batches(torch, size, batch // 2, dry, work)
+        r = train_rate(torch, device, build("resnet50", torch, dry), size, batch, steps * 2, args.compile, batches)
+        ref = ceilings.get("resnet50@224", {}).get("images_per_s") or 1.0
+        r["ratio_to_synthetic"] = r["images_per_s"] / ref
+        res["stream"] = r
+        print(f"[gpu] stream resnet50@{size}: {r['images_per_s']:.0f} img/s ({100 * r['ratio_to_synthetic']:.0f}% of "
+              f"synthetic), data wait {100 * r['data_wait_frac']:.0f}% of step time", flush=True)
+    res["mining"] = faiss_mining(dry)
+    print(f"[gpu] FAISS {res['mining']['classes']} classes: build {res['mining']['build_s']:.2f}s, select N=192 "
+          f"{res['mining']['select_N192_pool100k_s'] * 1e3:.0f} ms", flush=True)
+    res["wall_s"] = time.time() - t_start
+    import ray
+
+    ray.shutdown()  # so no Ray log line lands after the final JSON line
+    print(json.dumps({"bench": "gpu", "dry_run": dry, **res}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
