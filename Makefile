@@ -8,7 +8,7 @@ PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check -q -c constraints.
 
 QS_DATA := data/quickstart
 
-.PHONY: install quickstart test test-fast bench clean
+.PHONY: install quickstart test test-fast bench bench-accuracy clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,10 +34,17 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"
 
+# Every CPU figure of BENCHMARKS.md (about 12 minutes on 2 cores). bench/gpu.py needs a GPU;
+# bench/loss_ordering.py trains 9 quickstart runs (about 20 minutes): `make bench-accuracy`.
 bench: $(STAMP)
+	$(BIN)/python bench/bench_data.py
+	$(BIN)/python bench/bench_trainer.py
 	$(BIN)/python bench/bench_losses.py
-	$(BIN)/python bench/bench_mining.py --max-classes 100000
+	$(BIN)/python bench/bench_mining.py --threads 1 --max-classes 100000
 	$(BIN)/python bench/bench_eval.py --n 100000
+
+bench-accuracy: $(STAMP)
+	$(BIN)/python bench/loss_ordering.py
 
 clean:
 	rm -rf runs mlruns mlartifacts mlflow.db data/quickstart
