@@ -48,3 +48,14 @@ bench-accuracy: $(STAMP)
 
 clean:
 	rm -rf runs mlruns mlartifacts mlflow.db data/quickstart
+
+# A real two-node Ray cluster on this machine (loopback, token auth): see cluster/README.md.
+.PHONY: cluster-up cluster-down cluster-status
+cluster-up: $(STAMP)
+	cluster/local.sh up
+
+cluster-down:
+	cluster/local.sh down
+
+cluster-status:
+	cluster/local.sh status

@@ -1,29 +1,50 @@
 """Write class-grouped WebDataset shards from a data-set tree (or a synthetic set).
 
     python -m jobs.make_shards --layout imagefolder --src DIR --out OUT [--holdout-fraction 0.5]
+    python -m jobs.make_shards --layout webface --src CASIA-WebFace --out OUT [--image-size 112]
+    python -m jobs.make_shards --layout vehicleid --src VehicleID_V1.0 --out OUT [--image-size 224]
+    python -m jobs.make_shards --layout lfw --src lfw --out OUT [--image-size 112]
     python -m jobs.make_shards --layout synthetic --num-classes 200 --images-per-class 20 --out OUT
+
+webface: ROOT/<identity>/<nnn>.jpg, a random --holdout-fraction of identities held out (default 0.02).
+vehicleid: train_list.txt -> OUT/train; the union of the test lists -> OUT/holdout (the lists are
+  copied to OUT/); per-sample vehicle model and colour labels (-1 = unknown).
+lfw: every person -> OUT/holdout; pairs.txt (in ROOT or beside it) copied to OUT/pairs.txt.
+--image-size resizes at conversion (default 112 faces, 224 vehicles; 0 keeps the source size).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+from pathlib import Path
+
+# Per layout: default --image-size (synthetic: side of the generated images; others: resize
+# target, 0 = keep) and default --holdout-fraction (None = the layout fixes the held-out split).
+IMAGE_SIZE = {"synthetic": 64, "imagefolder": 0, "webface": 112, "lfw": 112, "vehicleid": 224}
+HOLDOUT = {"synthetic": 0.5, "imagefolder": 0.5, "webface": 0.02, "lfw": None, "vehicleid": None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.make_shards", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layout", choices=["imagefolder", "synthetic"], required=True)
-    p.add_argument("--src", help="source tree (imagefolder: ROOT/<identity>/<image>.jpg)")
+    p.add_argument("--layout", choices=list(IMAGE_SIZE), required=True)
+    p.add_argument("--src", help="source tree (imagefolder/webface/lfw: ROOT/<identity>/<image>.jpg; vehicleid: ROOT "
+                                 "with image/, train_test_split/, attribute/)")
     p.add_argument("--out", required=True, help="output directory (train/, holdout/, exemplars/, manifest.json)")
-    p.add_argument("--holdout-fraction", type=float, default=0.5, help="fraction of classes held out for evaluation")
+    p.add_argument("--holdout-fraction", type=float, default=None,
+                   help="fraction of classes held out for evaluation (default 0.5; webface 0.02; "
+                        "fixed by vehicleid and lfw)")
     p.add_argument("--shard-size", type=int, default=1000, help="max images per shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="parallel shard writers (0 = number of cores)")
     p.add_argument("--num-classes", type=int, default=200, help="synthetic: identities")
     p.add_argument("--images-per-class", type=int, default=20, help="synthetic: images per identity")
-    p.add_argument("--image-size", type=int, default=64, help="synthetic: image side in pixels")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="synthetic: image side (default 64); others: resize to this square side at conversion "
+                        "(default webface/lfw 112, vehicleid 224, imagefolder 0 = keep)")
     p.add_argument("--exemplars-per-class", type=int, default=2,
                    help="first images of each train class copied to OUT/exemplars/ for the miner's refresh (0 = none)")
     return p.parse_args(argv)
@@ -31,27 +52,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipeline.data.layouts import LayoutError, scan_imagefolder, synthetic_classes
+    from pipeline.data.layouts import LayoutError, Scan, scan_imagefolder, scan_lfw, scan_vehicleid, scan_webface, \
+        synthetic_classes
     from pipeline.data.shards import write_shards
 
+    size = IMAGE_SIZE[args.layout] if args.image_size is None else args.image_size
     try:
+        if HOLDOUT[args.layout] is None and args.holdout_fraction is not None:
+            raise LayoutError(f"--holdout-fraction does not apply to --layout {args.layout}: its held-out split is fixed")
         if args.layout == "synthetic":
-            classes, problems = synthetic_classes(args.num_classes, args.images_per_class, args.image_size, args.seed), []
+            scan = Scan(synthetic_classes(args.num_classes, args.images_per_class, size, args.seed))
+            size = 0  # generated at that size already
+        elif not args.src:
+            raise LayoutError(f"--src is required for --layout {args.layout}")
+        elif args.layout == "imagefolder":
+            scan = Scan(*scan_imagefolder(args.src))
         else:
-            if not args.src:
-                raise LayoutError("--src is required for --layout imagefolder")
-            classes, problems = scan_imagefolder(args.src)
-        for q in problems:
+            scan = {"webface": scan_webface, "lfw": scan_lfw, "vehicleid": scan_vehicleid}[args.layout](args.src)
+        for q in scan.problems:
             print(f"[make_shards] warning: {q}", file=sys.stderr)
-        manifest = write_shards(classes, args.out, holdout_fraction=args.holdout_fraction, shard_size=args.shard_size,
-                                seed=args.seed, workers=args.workers or None, layout=args.layout, problems=problems,
-                                exemplars=args.exemplars_per_class)
+        holdout = args.holdout_fraction if args.holdout_fraction is not None else (HOLDOUT[args.layout] or 0.0)
+        manifest = write_shards(scan.classes, args.out, holdout_fraction=holdout, shard_size=args.shard_size,
+                                seed=args.seed, workers=args.workers or None, layout=args.layout,
+                                problems=scan.problems, exemplars=args.exemplars_per_class,
+                                holdout_classes=scan.holdout, image_size=size)
     except (LayoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for q in manifest["problems"][len(problems):]:
+    for name, src in scan.copy_files.items():  # evaluation files travel with the shards
+        shutil.copyfile(src, Path(args.out) / name)
+    for q in manifest["problems"][len(scan.problems):]:
         print(f"[make_shards] warning: {q}", file=sys.stderr)
-    print(json.dumps({"out": args.out, "splits": manifest["splits"], "problems": len(manifest["problems"])}))
+    summary = {"out": args.out, "splits": manifest["splits"], "problems": len(manifest["problems"])}
+    if scan.copy_files:
+        summary["copied"] = sorted(scan.copy_files)
+    print(json.dumps(summary))
     return 0
 
 

@@ -45,13 +45,19 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"
-    """torchvision backbone: resnet18, resnet50, or ``tiny`` (a 4-layer CNN for tests)."""
+    """torchvision backbone: resnet18, resnet34, resnet50; ``iresnet50`` / ``iresnet18`` (ArcFace's face trunk for 112x112 images); or ``tiny`` (a 4-layer CNN for tests)."""
     embedding_dim: int = 128
     """Size of the embedding the loss sees."""
     normalize: bool = False
     """L2-normalise the embedding (Sohn's N-pair loss uses unnormalised embeddings + an L2 penalty)."""
     weights: str = ""
     """Optional local path to backbone weights (nothing is downloaded)."""
+    head: str = "linear"
+    """Embedding head: ``linear`` (a Linear layer) or ``linear_bn`` (Linear then BatchNorm1d, the face-recognition habit)."""
+    arch: str = "embedding"
+    """``embedding`` (backbone + head) or ``mixed_diff`` (Liu et al. 2016's Mixed Difference Network: a vehicle-model branch with a softmax classifier and an instance branch, fused into the embedding; needs shards with ``model`` labels)."""
+    num_vehicle_models: int = 250
+    """mixed_diff: classes of the vehicle-model classifier (VehicleID: 250); labels must be below it."""
 
 
 @dataclass
@@ -64,6 +70,8 @@ class LossConfig:
     """Margin of triplet / contrastive / coupled clusters losses; empty = the loss's default."""
     cross_rank: bool | None = None
     """Gather embeddings across DDP ranks so negatives span the global batch; empty = on when world size > 1."""
+    model_branch_weight: float = 1.0
+    """mixed_diff: weight of the vehicle-model cross-entropy added to the metric loss (samples of unknown model are left out)."""
 
 
 @dataclass
@@ -177,6 +185,10 @@ class Config:
             ("data.image_size", self.data.image_size >= 16, "must be >= 16"),
             ("model.embedding_dim", self.model.embedding_dim >= 1, "must be >= 1"),
             ("train.optimizer", self.train.optimizer in ("sgd", "adam"), "must be 'sgd' or 'adam'"),
+            ("model.head", self.model.head in ("linear", "linear_bn"), "must be 'linear' or 'linear_bn'"),
+            ("model.arch", self.model.arch in ("embedding", "mixed_diff"), "must be 'embedding' or 'mixed_diff'"),
+            ("model.num_vehicle_models", self.model.num_vehicle_models >= 1, "must be >= 1"),
+            ("loss.model_branch_weight", self.loss.model_branch_weight >= 0, "must be >= 0"),
         ]
         for key, ok, why in checks:
             if not ok:

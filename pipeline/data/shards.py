@@ -3,15 +3,35 @@
 ``write_shards`` turns identities (from a layout) into tar shards where all images of a
 class are contiguous and a class never straddles two shards (a class larger than a
 shard gets shards of its own). Each sample is ``<key>.jpg`` + ``<key>.cls`` (the integer
-class id as ASCII). ``OUT/manifest.json`` records class id <-> name, image counts, the
-shards holding each class and every shard's SHA-256, which also makes conversion
-resumable: a rerun keeps shards whose checksum matches and rewrites the rest.
+class id as ASCII), plus ``<key>.<field>`` (an ASCII integer) for each per-image extra label
+the layout gives (``ClassItems.extras``; VehicleID: ``model``, ``color``); the manifest lists
+them in ``extra_fields`` (and, per class, ``classes[i].extras``: the value its images share,
+or null). Readers that ask only for ``jpg`` and ``cls`` never see them.
+``OUT/manifest.json`` records class id <-> name, image counts, the shards holding each
+class and every shard's SHA-256, which also makes conversion resumable: a rerun keeps
+shards whose checksum matches and rewrites the rest.
 
 With ``exemplars=k`` it also writes ``OUT/exemplars/``: the first k images of every
 TRAIN class, class-grouped in the same sample format, which the hard negative class
 miner embeds at each refresh (``data.exemplars``). They are listed apart from the
 train/holdout shards (``manifest["exemplar_shards"]``, ``splits.exemplars``) so that
 everything keyed on ``shards`` still sees each image once; ``OUT/train`` never holds them.
+
+Splits: a random ``holdout_fraction`` of the classes, or a fixed set of class names
+(``holdout_classes``: VehicleID's test lists, all of LFW).
+
+Image size: with ``image_size`` > 0 every image is resized to image_size x image_size at
+conversion (exactly what the stream would otherwise do at every read), decoding JPEGs with
+libjpeg's DCT-domain downscaling (``Image.draft``: 250 -> 125 before the resize to 112).
+Why at conversion, measured with ``python bench/bench_shards.py`` (2026-11-29, 2-core CPU
+under load average 15-40, one process, ratios of the same run): converting 250x250 faces to
+112 runs at 0.76-1.05x a plain PIL decode+encode loop of the same images (keeping the bytes:
+0.8-1.4x), while the stream's decode of the stored 112x112 JPEGs is 5.9-7.1x faster than of
+250x250 ones plus resize, every epoch, and shards are 5x smaller (3.5 vs 18.3 kB/image). For
+320x320 -> 224 (vehicles): conversion 0.53-0.56x the loop, read 1.9-2.9x faster, 2x smaller;
+the extra conversion cost is repaid within ~2 epochs. 0 keeps the source bytes (JPEGs are
+copied byte for byte; the stream then resizes at read time). The size is recorded in the
+manifest; a rerun with another size rewrites every shard.
 """
 
 from __future__ import annotations
@@ -45,17 +65,24 @@ class _Planned:
     members: list[tuple[int, ClassItems]]
 
 
-def _encode(src: Path | bytes) -> bytes:
-    """Return JPEG bytes for an image, re-encoding non-JPEG sources; raises on unreadable input."""
+def _encode(src: Path | bytes, size: int = 0) -> bytes:
+    """Return JPEG bytes for an image, re-encoding non-JPEG sources and, with ``size`` > 0,
+    images that are not ``size`` x ``size`` (resized to it); raises on unreadable input."""
     from PIL import Image
 
     data = src if isinstance(src, bytes) else Path(src).read_bytes()
     with Image.open(io.BytesIO(data)) as im:
+        resize = size > 0 and im.size != (size, size)
+        if resize and im.format == "JPEG":
+            im.draft("RGB", (size, size))  # libjpeg decodes at the smallest 1/k scale still >= size
         im.load()  # full decode: catches truncated files that verify() lets through
-        if im.format == "JPEG" and im.mode == "RGB":
+        if not resize and im.format == "JPEG" and im.mode == "RGB":
             return data
+        out = im.convert("RGB")
+        if resize:
+            out = out.resize((size, size), Image.BILINEAR, reducing_gap=None)
         buf = io.BytesIO()
-        im.convert("RGB").save(buf, format="JPEG", quality=95)
+        out.save(buf, format="JPEG", quality=95)
         return buf.getvalue()
 
 
@@ -74,7 +101,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_one(out: str, plan: _Planned) -> dict:
+def _write_one(out: str, plan: _Planned, image_size: int = 0) -> dict:
     """Write one shard atomically (tmp file + rename). Returns its manifest entry and problems."""
     final = Path(out) / plan.path
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -83,9 +110,12 @@ def _write_one(out: str, plan: _Planned) -> dict:
     problems, seen = [], set()
     with tarfile.open(tmp, "w") as tar:
         for cid, items in plan.members:
-            for src, key in zip(items.images, items.keys):
+            for i, (src, key) in enumerate(zip(items.images, items.keys)):
                 try:
-                    jpg = _encode(src)
+                    jpg = _encode(src, image_size)
+                except FileNotFoundError:
+                    problems.append(f"missing image (skipped): {src}")
+                    continue
                 except Exception as e:  # PIL raises many types for bad files
                     where = src if isinstance(src, Path) else f"{items.name}/{key}"
                     problems.append(f"unreadable image (skipped): {where}: {type(e).__name__}: {e}")
@@ -97,6 +127,8 @@ def _write_one(out: str, plan: _Planned) -> dict:
                 seen.add(skey)
                 _add(tar, f"{skey}.jpg", jpg)
                 _add(tar, f"{skey}.cls", str(cid).encode())
+                for fname, values in sorted(items.extras.items()):
+                    _add(tar, f"{skey}.{fname}", str(int(values[i])).encode())
                 counts[cid] = counts.get(cid, 0) + 1
     os.replace(tmp, final)
     return {
@@ -108,6 +140,30 @@ def _write_one(out: str, plan: _Planned) -> dict:
         "sha256": _sha256(final),
         "problems": problems,
     }
+
+
+def _check_extras(classes: list[ClassItems]) -> list[str]:
+    """Return the sorted extra field names shared by all classes; ValueError when they differ or misalign."""
+    fields = sorted(classes[0].extras) if classes else []
+    for c in classes:
+        if sorted(c.extras) != fields:
+            raise ValueError(f"class '{c.name}' has extra fields {sorted(c.extras)}, others have {fields}: "
+                             "every sample of a shard set must carry the same fields")
+        for f, values in c.extras.items():
+            if len(values) != len(c.images):
+                raise ValueError(f"class '{c.name}': extra field '{f}' has {len(values)} values "
+                                 f"for {len(c.images)} images")
+    bad = [f for f in fields if f in ("jpg", "cls") or not f.isidentifier()]
+    if bad:
+        raise ValueError(f"extra field names {bad} are reserved or not plain names (letters, digits, _)")
+    return fields
+
+
+def _class_extras(items: ClassItems) -> dict[str, int | None]:
+    """Per extra field, the class's value when all its images share it (VehicleID's model
+    and colour are vehicle attributes), else None. Lets a reader map class id -> label
+    from the manifest without reading the per-sample fields."""
+    return {f: (int(v[0]) if v and all(x == v[0] for x in v) else None) for f, v in sorted(items.extras.items())}
 
 
 def _plan(split: str, members: list[tuple[int, ClassItems]], shard_size: int) -> list[_Planned]:
@@ -126,7 +182,7 @@ def _plan(split: str, members: list[tuple[int, ClassItems]], shard_size: int) ->
             flush()
             step = max(2, shard_size - shard_size % 2)
             for s in range(0, m, step):
-                cur = [(cid, ClassItems(items.name, items.images[s : s + step], items.keys[s : s + step]))]
+                cur = [(cid, items.subset(slice(s, s + step)))]
                 flush()
             continue
         if n + m > shard_size:
@@ -149,36 +205,53 @@ def write_shards(
     problems: list[str] | None = None,
     progress: bool = True,
     exemplars: int = 0,
+    holdout_classes: set[str] | None = None,
+    image_size: int = 0,
 ) -> dict:
     """Write class-grouped shards of ``classes`` to ``OUT/train`` and ``OUT/holdout``.
 
     With ``exemplars`` > 0 also ``OUT/exemplars``: the first ``exemplars`` images of each
     train class (for the miner's refresh; ``jobs.make_shards`` writes 2 by default).
 
-    A random ``holdout_fraction`` of the classes (by ``seed``) goes to ``holdout``; class ids
-    are the index of the class in name order. Unreadable images are skipped and listed in
-    the manifest's ``problems`` (with ``problems`` from the layout scan). Shards already on
-    disk with the checksum recorded in an existing manifest are kept (resume).
-    Returns the manifest (also written to ``OUT/manifest.json``).
+    A random ``holdout_fraction`` of the classes (by ``seed``) goes to ``holdout``, or, when
+    ``holdout_classes`` is given, exactly the classes with those names (all of them is
+    allowed: an evaluation-only set such as LFW); class ids are the index of the class in
+    name order. Per-image ``extras`` of the classes are written as ``<key>.<field>``; every
+    class must carry the same fields. ``image_size`` > 0 resizes images to that square side.
+    Unreadable and missing images are skipped and listed in the manifest's ``problems``
+    (after the ``problems`` of the layout scan). Shards already on disk with the checksum
+    recorded in an existing manifest (written with the same ``image_size`` and extra
+    fields) are kept (resume).
+    Returns the manifest (also written to ``OUT/manifest.json``). Raises ValueError for an
+    argument out of range, a holdout class name that is not a class, or extras that differ
+    between classes or do not match the number of images.
     """
     out = Path(out)
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"--holdout-fraction must be in [0, 1), got {holdout_fraction}")
     if shard_size < 2:
         raise ValueError(f"--shard-size must be >= 2, got {shard_size}")
-    out.mkdir(parents=True, exist_ok=True)
+    if image_size < 0:
+        raise ValueError(f"--image-size must be >= 0 (0 = keep), got {image_size}")
     classes = sorted(classes, key=lambda c: c.name)
-    rng = np.random.default_rng(seed)
-    n_hold = int(round(len(classes) * holdout_fraction))
-    hold_ids = set(rng.permutation(len(classes))[:n_hold].tolist())
+    extra_fields = _check_extras(classes)
+    if holdout_classes is not None:
+        unknown = set(holdout_classes) - {c.name for c in classes}
+        if unknown:
+            raise ValueError(f"{len(unknown)} holdout classes are not among the classes (first: {sorted(unknown)[:3]})")
+        hold_ids = {cid for cid, c in enumerate(classes) if c.name in holdout_classes}
+    else:
+        rng = np.random.default_rng(seed)
+        n_hold = int(round(len(classes) * holdout_fraction))
+        hold_ids = set(rng.permutation(len(classes))[:n_hold].tolist())
+    out.mkdir(parents=True, exist_ok=True)
     splits = {"train": [], "holdout": []}
     for cid, items in enumerate(classes):
         splits["holdout" if cid in hold_ids else "train"].append((cid, items))
     if exemplars < 0:
         raise ValueError(f"--exemplars-per-class must be >= 0, got {exemplars}")
     plans = [p for split, members in splits.items() for p in _plan(split, members, shard_size)]
-    ex_members = [(cid, ClassItems(it.name, it.images[:exemplars], it.keys[:exemplars]))
-                  for cid, it in splits["train"]] if exemplars else []
+    ex_members = [(cid, it.subset(slice(0, exemplars))) for cid, it in splits["train"]] if exemplars else []
     ex_plans = _plan("exemplars", ex_members, shard_size)
 
     old = {}
@@ -186,6 +259,10 @@ def write_shards(
         try:
             prev_manifest = json.loads((out / MANIFEST).read_text())
             old = {s["path"]: s for s in prev_manifest["shards"] + prev_manifest.get("exemplar_shards", [])}
+            same_bytes = (prev_manifest.get("image_size", 0), prev_manifest.get("extra_fields", [])) == (
+                image_size, extra_fields)
+            if not same_bytes:
+                old = {}  # same classes, different bytes: nothing on disk can be kept
         except (ValueError, KeyError, TypeError):
             old = {}
     entries, todo = {}, []
@@ -202,7 +279,7 @@ def write_shards(
         print(f"[make_shards] {len(plans) + len(ex_plans)} shards ({len(plans) + len(ex_plans) - len(todo)} already done), "
               f"{sum(len(c.images) for c in classes)} images, {workers} workers", flush=True)
     with cf.ProcessPoolExecutor(max_workers=workers) as pool:
-        futs = {pool.submit(_write_one, str(out), p): p for p in todo}
+        futs = {pool.submit(_write_one, str(out), p, image_size): p for p in todo}
         for i, fut in enumerate(cf.as_completed(futs), 1):
             e = fut.result()
             entries[e["path"]] = e
@@ -223,7 +300,10 @@ def write_shards(
         "format": "dml-pipeline/shards-v1",
         "layout": layout,
         "seed": seed,
-        "holdout_fraction": holdout_fraction,
+        "holdout_fraction": holdout_fraction if holdout_classes is None else len(hold_ids) / max(1, len(classes)),
+        "holdout_fixed": holdout_classes is not None,
+        "image_size": image_size,
+        "extra_fields": extra_fields,
         "classes": [
             {
                 "id": cid,
@@ -232,6 +312,7 @@ def write_shards(
                 "count": per_class.get(cid, {}).get("count", 0),
                 "shards": per_class.get(cid, {}).get("shards", []),
             }
+            | ({"extras": _class_extras(items)} if extra_fields else {})
             for cid, items in enumerate(classes)
         ],
         # Per-shard problems stay in the entry: a resumed run keeps the shard and must still report them.

@@ -11,10 +11,11 @@ the classes of each global batch and every row also carries, all fixed-shape so 
 keeps tensor columns: ``select_ms`` (wall time of that batch's class selection),
 ``fallbacks`` (random selections so far because the miner did not answer),
 ``miner_version`` (index version the selection used; -1 = fallback, 0 = miner without
-embeddings), and a random batch "side by side": on every ``random_every``-th global batch,
-``rand_images``/``rand_labels`` hold a batch of the same shape whose classes were drawn
-uniformly from the same pool at the same moment (``has_rand`` True); other rows hold zeros
-and labels -1. The side batch copies pool images without consuming them and uses its own
+embeddings), ``trainer_step`` (the trainer's step as the gate last read it when the
+batch was selected, a lower bound; -1 without a gate; see ``_TrainerGate``), and a random
+batch "side by side": on every ``random_every``-th global batch, ``rand_images`` /
+``rand_labels`` hold a batch of the same shape whose classes were drawn uniformly from the
+same pool at the same moment (``has_rand`` True); other rows hold zeros and labels -1. The side batch copies pool images without consuming them and uses its own
 rng, so the trained stream is the same with or without it; the trainer embeds it under
 no_grad to log how much harder the mined batches are than random ones.
 """
@@ -29,6 +30,13 @@ import numpy as np
 
 from pipeline.data.batching import BatchComposer, RandomSelector
 from pipeline.data.shards import list_shards
+
+GATE_BLOCK_BATCHES = 4
+"""With a gate: Ray Data blocks of about this many global batches of images (see build_train_dataset).
+
+Measured here (2 cores, quickstart shapes, two consumers at 0.05-0.1 s per step, lead 16-20):
+blocks of 1 batch made the trainers wait for data 13% of the time (a coordinator round trip
+per row), 4 or 8 batches ~0%; 4 keeps the lag closest to the gate's lead (mean 19-22 steps)."""
 
 
 def decode_images(jpgs, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,18 +82,63 @@ class DecodeAugment:
         yield {"image": imgs, "label": labels}
 
 
+class _TrainerGate:
+    """Keeps the composer at most ``max_lead`` global batches ahead of the trainer.
+
+    Ray Data streams as fast as it can: unchecked, the composer selects the classes of the
+    whole run with the first class embeddings, long before the trainer gets there. Before
+    each composer call the gate asks the actor named ``actor`` for the trainer's step
+    (``step()``) and waits, polling, while the composer is more than ``max_lead`` batches
+    ahead. A wait never exceeds ``max_wait_s`` and a missing actor disables the gate, so the
+    stream can be slowed but never stopped. ``max_lead`` must exceed what Ray Data and the
+    trainers' prefetch hold (a few blocks of rows), or the gate would wait on rows that
+    never reach the trainer; the bounded wait then only costs time.
+    """
+
+    def __init__(self, actor: str, max_lead: int, max_wait_s: float = 30.0, namespace: str | None = None) -> None:
+        self.actor, self.max_lead, self.max_wait_s, self.namespace = actor, max_lead, max_wait_s, namespace
+        self.step = 0
+        """The trainer's step as last read."""
+        self.waited_s = 0.0
+        self._handle = None
+        self._off = False
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        return state
+
+    def wait(self, made: int) -> None:
+        """Return once ``made`` (global batches composed so far) - trainer step <= ``max_lead``, or on timeout."""
+        import ray
+
+        t0 = time.monotonic()
+        while not self._off and made - self.step > self.max_lead and time.monotonic() - t0 < self.max_wait_s:
+            try:
+                if self._handle is None:
+                    self._handle = ray.get_actor(self.actor, namespace=self.namespace)
+                self.step = ray.get(self._handle.step.remote(), timeout=5.0)
+            except (ray.exceptions.RayError, ValueError):
+                self._off = True  # no trainer progress to follow: do not slow the stream
+            if made - self.step > self.max_lead:
+                time.sleep(0.02)
+        self.waited_s += time.monotonic() - t0
+
+
 class _SideBySideSelector:
     """Wraps the real selector: times each selection and, every ``random_every``-th one, draws
-    a random batch of the same classes count from the same candidates (images copied, not taken).
+    as many random classes from the same candidates, with images copied from the pool, not taken.
 
     ``calls`` holds one entry per selection since the last ``take()``, in order:
-    ``(select_ms, version, rand_classes or None, rand_images or None)``.
+    ``(select_ms, version, rand_classes or None, rand_images or None, trainer_step)``.
     """
 
     def __init__(self, inner, images_per_class: int, random_every: int, seed: int) -> None:
         self.inner, self.m, self.random_every = inner, images_per_class, random_every
         self.rng = np.random.default_rng([seed, 0x5EED])  # own stream: the composer's draws stay unchanged
         self.pool: dict | None = None
+        self.trainer_step = -1
+        """The trainer's step as known to the gate (-1 without a gate), recorded with each selection."""
         self.count = 0
         self.calls: list = []
 
@@ -101,7 +154,7 @@ class _SideBySideSelector:
             for c in rand_cls:
                 imgs = self.pool[c]
                 rand_imgs += [imgs[i] for i in self.rng.choice(len(imgs), size=self.m, replace=False)]
-        self.calls.append((ms, getattr(self.inner, "last_version", -1), rand_cls, rand_imgs))
+        self.calls.append((ms, getattr(self.inner, "last_version", -1), rand_cls, rand_imgs, self.trainer_step))
         return chosen
 
     def take(self) -> list:
@@ -117,9 +170,10 @@ class ComposeBatches:
     """
 
     def __init__(self, classes_per_rank: int, images_per_class: int, pool_classes: int, num_ranks: int,
-                 seed: int, miner: dict | None = None, random_every: int = 10) -> None:
+                 seed: int, miner: dict | None = None, random_every: int = 10, gate: dict | None = None) -> None:
         selector = RandomSelector()
         self.side = None
+        self.gate = _TrainerGate(**gate) if gate else None
         if miner:
             from pipeline.mining.actor import MinerClient
 
@@ -131,6 +185,10 @@ class ComposeBatches:
 
     def __call__(self, batch: dict):
         self.composer.add(batch["image"], batch["label"])
+        if self.gate is not None:
+            self.gate.wait(self.composer.batches)
+            if self.side is not None:
+                self.side.trainer_step = self.gate.step
         xs, ys = self.composer.compose()
         # A generator UDF: yield nothing while the pool fills. An empty 5-D batch would
         # make Ray Data fall back to pickled objects for the whole column.
@@ -148,7 +206,7 @@ class ComposeBatches:
             raise RuntimeError(f"composer made {len(labels)} rows from {len(calls)} selections of {ranks} ranks")
         rand_x, rand_y = np.zeros_like(images), np.full_like(labels, -1)
         has = np.zeros(len(labels), dtype=bool)
-        for g, (_, _, cls, imgs) in enumerate(calls):
+        for g, (_, _, cls, imgs, _) in enumerate(calls):
             if cls is None:
                 continue
             rows = slice(g * ranks, (g + 1) * ranks)
@@ -159,6 +217,7 @@ class ComposeBatches:
         return {
             "select_ms": np.repeat(np.asarray([c[0] for c in calls], dtype=np.float32), ranks),
             "miner_version": np.repeat(np.asarray([c[1] for c in calls], dtype=np.int64), ranks),
+            "trainer_step": np.repeat(np.asarray([c[4] for c in calls], dtype=np.int64), ranks),
             "fallbacks": np.full(len(labels), self.client.fallbacks, dtype=np.int64),
             "has_rand": has,
             "rand_images": rand_x,
@@ -177,12 +236,15 @@ def epochs_needed(cfg, num_images: int | None) -> int:
     return max(1, math.ceil(cfg.train.steps * per_step * 1.5 / num_images) + 1)
 
 
-def build_train_dataset(cfg, num_images: int | None = None, miner: dict | None = None, random_every: int = 10):
+def build_train_dataset(cfg, num_images: int | None = None, miner: dict | None = None, random_every: int = 10,
+                        gate: dict | None = None):
     """The training ``ray.data.Dataset``: one row = one rank's batch (``images``, ``labels``).
 
     ``miner``: keyword arguments of ``MinerClient`` (at least ``name``) to select classes
     with the miner actor; the rows then also hold the mining columns (module docstring),
     with a random side-by-side batch every ``random_every`` global batches (0 = never).
+    ``gate``: keyword arguments of ``_TrainerGate`` (``actor``, ``max_lead``) to keep the
+    composer close to the trainer, so that selections use recent class embeddings.
 
     Shards are listed in a fresh random order each epoch (class-grouping is kept within a
     shard). Raises ``ShardError`` when ``data.train`` matches no shards.
@@ -212,9 +274,18 @@ def build_train_dataset(cfg, num_images: int | None = None, miner: dict | None =
             "seed": cfg.train.seed,
             "miner": miner,
             "random_every": random_every,
+            "gate": gate,
         },
         batch_size=None,
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.5,
     )
+    if gate:
+        # Ray Data buffers a task's output until it reaches target_max_block_size (128 MiB by
+        # default), so the composer's rows would reach the trainer only when its task ends and
+        # the gate would wait on rows it is holding back itself. Blocks of a few global
+        # batches let rows leave as they are made and cut the decoded stream into composer
+        # calls of a few batches, which keeps the lead bound tight.
+        per_batch = cfg.batch.classes_per_batch * cfg.batch.images_per_class * cfg.data.image_size ** 2 * 3
+        ds.context.target_max_block_size = max(GATE_BLOCK_BATCHES * per_batch, 16 * 1024)
     return ds

@@ -1,5 +1,7 @@
-"""Backbones and embedding heads. Models never know about DDP or Ray."""
+"""Backbones, embedding heads and the Mixed Difference Network. Models never know about DDP or Ray."""
 
-from pipeline.models.embedding import EmbeddingNet, build_model
+from pipeline.models.embedding import EmbeddingNet
+from pipeline.models.factory import build_model
+from pipeline.models.mixed_diff import MixedDifferenceNet, model_branch_loss
 
-__all__ = ["EmbeddingNet", "build_model"]
+__all__ = ["EmbeddingNet", "MixedDifferenceNet", "build_model", "model_branch_loss"]

@@ -1,4 +1,4 @@
-"""Backbone + linear embedding head (optionally L2-normalised)."""
+"""Backbones, embedding heads, and the plain embedding network (backbone + head, optional L2 norm)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from torch import nn
 # Per-channel statistics of ImageNet; a fixed normalisation that needs no data pass.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+
+BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "iresnet18", "iresnet50")
+HEADS = ("linear", "linear_bn")
 
 
 def _tiny() -> tuple[nn.Module, int]:
@@ -25,8 +28,11 @@ def _tiny() -> tuple[nn.Module, int]:
 def build_backbone(name: str, weights: str = "") -> tuple[nn.Module, int]:
     """Return ``(trunk, feature_dim)`` for a backbone name; ``weights`` is an optional local file.
 
-    Raises ValueError for an unknown name and FileNotFoundError for a missing weights file.
-    Nothing is downloaded: torchvision backbones start from random weights.
+    Names: ``tiny``, torchvision ``resnet18``/``34``/``50`` (global-pooled features) and
+    ``iresnet18``/``50`` (ArcFace's face trunk for 112x112, flattened 512x7x7 features).
+    Raises ValueError for an unknown name or weights matching no parameter, and
+    FileNotFoundError for a missing weights file. Nothing is downloaded: backbones start
+    from random weights.
     """
     import torchvision
 
@@ -36,8 +42,12 @@ def build_backbone(name: str, weights: str = "") -> tuple[nn.Module, int]:
         trunk = getattr(torchvision.models, name)(weights=None)
         dim = trunk.fc.in_features
         trunk.fc = nn.Identity()
+    elif name in ("iresnet18", "iresnet50"):
+        from pipeline.models.iresnet import iresnet
+
+        trunk, dim = iresnet(name)
     else:
-        raise ValueError(f"unknown model.backbone '{name}' (choose tiny, resnet18, resnet34, resnet50)")
+        raise ValueError(f"unknown model.backbone '{name}' (choose {', '.join(BACKBONES)})")
     if weights:
         p = Path(weights)
         if not p.is_file():
@@ -49,27 +59,48 @@ def build_backbone(name: str, weights: str = "") -> tuple[nn.Module, int]:
     return trunk, dim
 
 
-class EmbeddingNet(nn.Module):
-    """uint8 NHWC images -> embeddings: normalise, trunk, linear head, optional L2 norm."""
+def build_head(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    """Return the embedding head: ``linear`` (Linear with bias) or ``linear_bn`` (Linear, then BatchNorm1d).
 
-    def __init__(self, trunk: nn.Module, feat_dim: int, embedding_dim: int, normalize: bool = False) -> None:
+    ``linear_bn`` is the face-recognition habit (ArcFace's "features" layer): batch norm
+    keeps every embedding dimension centred and at unit scale, which plain N-pair training
+    with an L2 penalty on norms does not need but margin/softmax-style losses like. The
+    Linear has no bias there (BN's shift replaces it). Raises ValueError for another kind.
+    """
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "linear_bn":
+        return nn.Sequential(nn.Linear(in_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim))
+    raise ValueError(f"unknown model.head '{kind}' (choose {', '.join(HEADS)})")
+
+
+class ImageModel(nn.Module):
+    """Base of the networks: uint8 NHWC (or float NCHW in [0, 255]) images -> trunk features."""
+
+    def __init__(self, trunk: nn.Module) -> None:
         super().__init__()
         self.trunk = trunk
-        self.head = nn.Linear(feat_dim, embedding_dim)
-        self.normalize = normalize
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255, persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``images``: uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 255]. Returns (B, embedding_dim)."""
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``images``: uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 255]. Returns the trunk's (B, feat_dim)."""
         if images.dtype == torch.uint8:
             images = images.permute(0, 3, 1, 2).float()
         x = (images - self.mean) / self.std
-        z = self.head(self.trunk(x.contiguous(memory_format=torch.channels_last)))
+        return self.trunk(x.contiguous(memory_format=torch.channels_last))
+
+
+class EmbeddingNet(ImageModel):
+    """uint8 NHWC images -> embeddings: normalise, trunk, embedding head, optional L2 norm."""
+
+    def __init__(self, trunk: nn.Module, feat_dim: int, embedding_dim: int, normalize: bool = False,
+                 head: str = "linear") -> None:
+        super().__init__(trunk)
+        self.head = build_head(head, feat_dim, embedding_dim)
+        self.normalize = normalize
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images``: uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 255]. Returns (B, embedding_dim)."""
+        z = self.head(self.features(images))
         return nn.functional.normalize(z, dim=1) if self.normalize else z
-
-
-def build_model(cfg) -> EmbeddingNet:
-    """Build the embedding network from a ``ModelConfig``."""
-    trunk, dim = build_backbone(cfg.backbone, cfg.weights)
-    return EmbeddingNet(trunk, dim, cfg.embedding_dim, cfg.normalize)

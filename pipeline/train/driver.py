@@ -55,7 +55,7 @@ def _manifest_images(spec: str) -> int | None:
     return m["splits"]["train"]["images"] if m else None
 
 
-def start_miner(cfg: Config, uri: str, run_id: str) -> tuple[list, dict, dict]:
+def start_miner(cfg: Config, uri: str, run_id: str) -> tuple[list, dict, dict, dict]:
     """Start the hard negative class miner for a run and fill it with the initial weights.
 
     Creates the miner actor (``miner-<run_id>``) and the refresher actor
@@ -63,9 +63,15 @@ def start_miner(cfg: Config, uri: str, run_id: str) -> tuple[list, dict, dict]:
     weights (the same every worker starts from), so the first batches are already mined;
     its wall time is logged as ``mine/refresh_s`` at step 0.
 
+    The composer is kept about ``miner.refresh_every`` (at least 16) global batches ahead
+    of the trainer (``pipeline.data.stream._TrainerGate``): unchecked, Ray Data selects the
+    classes of the whole run within seconds, all with the initial embeddings. So a batch's
+    classes are chosen with class embeddings about two refresh intervals old, against at
+    most one in Sohn's in-loop mining.
+
     Returns:
         ``(actor handles to keep referenced during fit, the loop's miner settings, the
-        stream's MinerClient settings)``.
+        stream's MinerClient settings, the stream's gate settings)``.
 
     Raises:
         ShardError: no class-exemplar shards (``data.exemplars``).
@@ -80,10 +86,10 @@ def start_miner(cfg: Config, uri: str, run_id: str) -> tuple[list, dict, dict]:
     from pipeline.mining.refresh import get_or_create_refresher, resolve_exemplars
 
     exemplars = resolve_exemplars(cfg.data.train, cfg.data.exemplars)
-    name = f"miner-{run_id}"
+    name, refresher_name = f"miner-{run_id}", f"miner-refresher-{run_id}"
     miner = get_or_create_miner(name, dim=cfg.model.embedding_dim, index=cfg.miner.index)
     refresher = get_or_create_refresher(
-        f"miner-refresher-{run_id}", name, exemplars, dataclasses.asdict(cfg.model), cfg.data.image_size,
+        refresher_name, name, exemplars, dataclasses.asdict(cfg.model), cfg.data.image_size,
         per_class=cfg.miner.exemplars_per_class, use_gpu=cfg.scaling.use_gpu,
     )
     first = ray.get(refresher.refresh.remote([ray.put(initial_state(cfg))], 0))
@@ -91,7 +97,8 @@ def start_miner(cfg: Config, uri: str, run_id: str) -> tuple[list, dict, dict]:
           f"version {first['version']} in {first['refresh_s']:.1f}s", flush=True)
     tracking.log_metrics(uri, run_id, {"mine/refresh_s": first["refresh_s"],
                                        "mine/refresh_version": first["version"]}, step=0)
-    return [miner, refresher], {"refresher": f"miner-refresher-{run_id}"}, {"name": name, "timeout_s": cfg.miner.timeout_s}
+    gate = {"actor": refresher_name, "max_lead": max(16, cfg.miner.refresh_every)}
+    return [miner, refresher], {"refresher": refresher_name}, {"name": name, "timeout_s": cfg.miner.timeout_s}, gate
 
 
 def run_training(cfg: Config) -> dict:
@@ -114,8 +121,10 @@ def run_training(cfg: Config) -> dict:
     try:
         t0 = time.time()
         # The miner and refresher actors live as long as these handles: keep them until fit ends.
-        miner_actors, loop_miner, ds_miner = start_miner(cfg, uri, run_id) if cfg.miner.enabled else ([], None, None)
-        ds = build_train_dataset(cfg, _manifest_images(cfg.data.train), miner=ds_miner)
+        miner_actors, loop_miner, ds_miner, gate = [], None, None, None
+        if cfg.miner.enabled:
+            miner_actors, loop_miner, ds_miner, gate = start_miner(cfg, uri, run_id)
+        ds = build_train_dataset(cfg, _manifest_images(cfg.data.train), miner=ds_miner, gate=gate)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id, "miner": loop_miner},

@@ -60,7 +60,8 @@ def side_embeddings(module: torch.nn.Module, images: torch.Tensor) -> torch.Tens
         return functional_call(module, state, (images,))
 
 
-def _mining_metrics(batch: dict, emb: torch.Tensor, labels: torch.Tensor, module: torch.nn.Module) -> dict:
+def _mining_metrics(batch: dict, emb: torch.Tensor, labels: torch.Tensor, module: torch.nn.Module,
+                    step: int) -> dict:
     """Rank 0's per-step ``mine/*`` metrics of one batch (see the module docstring)."""
     from pipeline.mining.hardness import batch_hardness
 
@@ -70,6 +71,9 @@ def _mining_metrics(batch: dict, emb: torch.Tensor, labels: torch.Tensor, module
         out["mine/select_ms"] = float(batch["select_ms"][0])
         out["mine/fallbacks"] = float(batch["fallbacks"][0])
         out["mine/index_version"] = float(batch["miner_version"][0])
+        if int(batch["trainer_step"][0]) >= 0:
+            # How many steps before this one the classes were chosen (the stream runs ahead).
+            out["mine/select_lag_steps"] = float(step - int(batch["trainer_step"][0]))
         if bool(batch["has_rand"][0]):
             rand_emb = side_embeddings(module, batch["rand_images"][0].to(emb.device))
             rand = batch_hardness(rand_emb, batch["rand_labels"][0].to(emb.device))
@@ -125,8 +129,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         losses.append(loss.item())
         if metrics_out is not None:
             t_mine = time.perf_counter()
-            row = {"train/loss": losses[-1], **_mining_metrics(batch, emb, labels, _unwrap(model))}
+            row = {"train/loss": losses[-1], **_mining_metrics(batch, emb, labels, _unwrap(model), step)}
             if refresher is not None:
+                refresher.report_step(step)
                 done = refresher.poll()
                 if done is not None:
                     row.update({"mine/refresh_s": done["refresh_s"], "mine/refresh_version": done["version"],

@@ -12,7 +12,10 @@ from pipeline.mining.hardness import batch_hardness
 
 def reference(emb, labels, margin):
     z = [e / e.norm() for e in emb.double()]
-    cos = lambda i, j: float(z[i] @ z[j])  # noqa: E731
+
+    def cos(i, j):
+        return float(z[i] @ z[j])
+
     n = len(labels)
     hardest, viol, trip = [], 0, 0
     for a in range(n):

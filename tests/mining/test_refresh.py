@@ -121,9 +121,10 @@ def test_refresh_publishes_class_means_of_a_direct_forward(ray_local, tiny_shard
     # The miner holds exactly those means, L2-normalised: its FAISS similarities are their cosines.
     unit = want / np.linalg.norm(want, axis=1, keepdims=True)
     nn_ids, nn_sims = ray.get(miner.nearest_classes.remote(ids, len(ids)))
-    for row, c in enumerate(ids):
-        expect = unit @ unit[row]
-        np.testing.assert_allclose(nn_sims[row], expect[np.searchsorted(ids, nn_ids[row])], atol=1e-5)
+    for row in range(len(ids)):
+        found = nn_ids[row] >= 0  # the class itself is left out (-1, -inf)
+        expect = (unit @ unit[row])[np.searchsorted(ids, nn_ids[row][found])]
+        np.testing.assert_allclose(nn_sims[row][found], expect, atol=1e-5)
     # A second refresh with other weights is a new version.
     assert ray.get(refresher.refresh.remote([ray.put(_state(1))], 8), timeout=60)["version"] == 2
     ray.kill(refresher)

@@ -1,0 +1,29 @@
+"""Build the network a ``ModelConfig`` describes."""
+
+from __future__ import annotations
+
+from torch import nn
+
+ARCHS = ("embedding", "mixed_diff")
+
+
+def build_model(cfg) -> nn.Module:
+    """Return the network of a ``ModelConfig``: ``arch`` embedding (:class:`EmbeddingNet`) or
+    mixed_diff (:class:`MixedDifferenceNet`). Both map images to embeddings with ``model(images)``.
+
+    Raises ValueError for an unknown arch, backbone or head; FileNotFoundError for a missing
+    weights file.
+    """
+    from pipeline.models.embedding import EmbeddingNet, build_backbone
+
+    arch = getattr(cfg, "arch", "embedding")
+    head = getattr(cfg, "head", "linear")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown model.arch '{arch}' (choose {', '.join(ARCHS)})")
+    trunk, dim = build_backbone(cfg.backbone, cfg.weights)
+    if arch == "mixed_diff":
+        from pipeline.models.mixed_diff import MixedDifferenceNet
+
+        return MixedDifferenceNet(trunk, dim, cfg.embedding_dim, cfg.num_vehicle_models,
+                                  normalize=cfg.normalize, head=head)
+    return EmbeddingNet(trunk, dim, cfg.embedding_dim, cfg.normalize, head=head)

@@ -1,0 +1,203 @@
+"""Models: embedding heads, IResNet, the Mixed Difference Network and its model-branch loss; configs load."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import ConfigError, ModelConfig, load_config
+from pipeline.models import EmbeddingNet, MixedDifferenceNet, build_model, model_branch_loss
+from pipeline.models.embedding import build_backbone
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _images(b: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, generator=g)
+
+
+@pytest.mark.parametrize("head", ["linear", "linear_bn"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_embedding_net_shapes_and_heads(head, normalize):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="tiny", embedding_dim=12, normalize=normalize, head=head))
+    assert isinstance(model, EmbeddingNet)
+    z = model(_images(6, 32))
+    assert z.shape == (6, 12) and z.dtype == torch.float32
+    if normalize:
+        torch.testing.assert_close(z.norm(dim=1), torch.ones(6))
+    if head == "linear_bn":
+        assert isinstance(model.head[1], nn.BatchNorm1d) and model.head[0].bias is None
+        if not normalize:  # batch norm in training mode: each dimension centred over the batch
+            torch.testing.assert_close(z.mean(0), torch.zeros(12), atol=1e-5, rtol=0)
+    else:
+        assert isinstance(model.head, nn.Linear)
+        # checkpoints of the plain head keep their keys
+        assert {"head.weight", "head.bias"} <= set(model.state_dict())
+
+
+def test_float_nchw_input_matches_uint8_nhwc():
+    model = build_model(ModelConfig(backbone="tiny", embedding_dim=8)).eval()
+    x = _images(3, 32)
+    torch.testing.assert_close(model(x), model(x.permute(0, 3, 1, 2).float()))
+
+
+def test_unknown_names_raise():
+    with pytest.raises(ValueError, match="model.backbone"):
+        build_model(ModelConfig(backbone="vgg"))
+    with pytest.raises(ValueError, match="model.head"):
+        build_model(ModelConfig(backbone="tiny", head="mlp"))
+    with pytest.raises(ValueError, match="model.arch"):
+        build_model(ModelConfig(backbone="tiny", arch="siamese"))
+    with pytest.raises(ConfigError, match="model.head"):
+        load_config(None, ["model.head=mlp"])
+    with pytest.raises(ConfigError, match="model.arch"):
+        load_config(None, ["model.arch=siamese"])
+    with pytest.raises(ConfigError, match="loss.model_branch_weight"):
+        load_config(None, ["loss.model_branch_weight=-1"])
+
+
+# --- IResNet ----------------------------------------------------------------------------
+
+
+def test_iresnet18_on_112_faces():
+    torch.manual_seed(0)
+    trunk, dim = build_backbone("iresnet18")
+    assert dim == 512 * 7 * 7
+    model = build_model(ModelConfig(backbone="iresnet18", embedding_dim=32, head="linear_bn")).eval()
+    with torch.inference_mode():
+        assert model(_images(1, 112)).shape == (1, 32)
+        assert model(_images(1, 32)).shape == (1, 32)  # other sizes are pooled to 7x7
+
+
+def test_iresnet50_depth():
+    trunk, dim = build_backbone("iresnet50")
+    assert [len(s) for s in (trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4)] == [3, 4, 14, 3]
+    # insightface's r50 has ~43.6M parameters, of which its 25088 x 512 fc + BN head is ~12.85M
+    assert 30e6 < sum(p.numel() for p in trunk.parameters()) < 32e6 and dim == 25088
+
+
+def test_iresnet_weights_load_by_insightface_names(tmp_path):
+    trunk, _ = build_backbone("iresnet18")
+    state = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in trunk.state_dict().items()}
+    assert "layer1.0.bn1.weight" in state and "prelu.weight" in state
+    state["fc.weight"] = torch.zeros(3)  # an insightface checkpoint's head: ignored
+    torch.save(state, tmp_path / "backbone.pth")
+    loaded, _ = build_backbone("iresnet18", str(tmp_path / "backbone.pth"))
+    assert torch.equal(loaded.layer1[0].bn1.weight, torch.full((64,), 0.5))
+
+
+# --- Mixed Difference Network -----------------------------------------------------------
+
+
+def _mdn(**kw) -> MixedDifferenceNet:
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="tiny", embedding_dim=10, arch="mixed_diff", num_vehicle_models=7, **kw)
+    model = build_model(cfg)
+    assert isinstance(model, MixedDifferenceNet)
+    return model
+
+
+@pytest.mark.parametrize("head", ["linear", "linear_bn"])
+def test_mdn_forward_and_forward_train_shapes(head):
+    model = _mdn(head=head, normalize=True)
+    x = _images(5, 32)
+    emb, logits = model.forward_train(x)
+    assert emb.shape == (5, 10) and logits.shape == (5, 7)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(5))
+    model.eval()
+    with torch.inference_mode():
+        z = model(x)  # evaluation path: the embedding alone, like EmbeddingNet
+        z2, _ = model(x, return_logits=True)
+    assert z.shape == (5, 10)
+    torch.testing.assert_close(z, z2)
+
+
+def test_mdn_every_parameter_gets_a_gradient_in_training():
+    # DDP without find_unused_parameters needs every parameter used on the training path.
+    model = _mdn()
+    emb, logits = model(_images(4, 32), return_logits=True)
+    (emb.square().sum() + model_branch_loss(logits, torch.tensor([0, -1, 3, 6]))).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert unused == []
+
+
+def test_mdn_evaluates_with_the_embedding_api(tmp_path):
+    """The evaluator builds the model from the config dict and calls model(images)."""
+    import dataclasses
+
+    cfg = ModelConfig(backbone="tiny", embedding_dim=10, arch="mixed_diff", num_vehicle_models=7)
+    state = build_model(cfg).state_dict()
+    again = build_model(ModelConfig(**dataclasses.asdict(cfg)))
+    again.load_state_dict(state)
+    assert again.eval()(_images(2, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_model_branch_loss_ignores_unknown_models(dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 5, generator=g, dtype=dtype, requires_grad=True)
+    labels = torch.tensor([2, -1, 0, 4, -1, 2])
+    loss = model_branch_loss(logits, labels)
+    # reference: explicit loop over the samples with a known model
+    terms = []
+    for row, y in zip(logits.detach().tolist(), labels.tolist()):
+        if y == -1:
+            continue
+        m = max(row)
+        terms.append(m + math.log(sum(math.exp(v - m) for v in row)) - row[y])
+    expected = sum(terms) / len(terms)
+    assert loss.dtype == dtype
+    assert abs(loss.item() - expected) < (1e-5 if dtype == torch.float32 else 1e-12)
+    loss.backward()
+    assert torch.all(logits.grad[labels == -1] == 0) and torch.any(logits.grad[labels != -1] != 0)
+
+
+def test_model_branch_loss_all_unknown_is_zero_with_graph():
+    logits = torch.randn(3, 4, requires_grad=True)
+    loss = model_branch_loss(logits, torch.full((3,), -1))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros(3, 4))
+
+
+def test_model_branch_loss_rejects_out_of_range_labels():
+    with pytest.raises(ValueError, match="num_vehicle_models"):
+        model_branch_loss(torch.zeros(2, 4), torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match="num_vehicle_models"):
+        model_branch_loss(torch.zeros(2, 4), torch.tensor([1, -2]))
+
+
+# --- configs ----------------------------------------------------------------------------
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_loads_and_says_what_it_is(path):
+    cfg = load_config(path)
+    assert path.read_text().startswith("#"), f"{path.name}: document the config at the top"
+    m = cfg.model
+    _builds(m.backbone, m.arch, m.head)  # the model it names exists
+
+
+@functools.lru_cache(maxsize=None)
+def _builds(backbone: str, arch: str, head: str) -> bool:
+    build_model(ModelConfig(backbone=backbone, arch=arch, head=head))
+    return True
+
+
+def test_seed_configs_present():
+    names = {p.name for p in CONFIGS}
+    assert {"webface_npair.yaml", "webface_npair_hnm.yaml", "vehicleid_triplet.yaml", "vehicleid_ccl.yaml",
+            "vehicleid_mixed_diff.yaml"} <= names
+    hnm = load_config(REPO / "configs" / "webface_npair_hnm.yaml")
+    assert hnm.miner.enabled and hnm.model.backbone == "iresnet50"
+    mdn = load_config(REPO / "configs" / "vehicleid_mixed_diff.yaml")
+    assert mdn.model.arch == "mixed_diff" and mdn.loss.name == "coupled_clusters"
