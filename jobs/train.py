@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 
@@ -28,14 +29,25 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.shards import ShardError
     from pipeline.train.driver import run_training
 
+    # SIGTERM (a preempted node, `ray job stop`, a scheduler) ends the MLflow run KILLED,
+    # never RUNNING. Before Ray starts, our handler raises KeyboardInterrupt; once it runs,
+    # Ray's own driver handler raises SystemExit; the driver marks the run KILLED for both.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         out = run_training(cfg)
     except ShardError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit):
+        print("interrupted: the MLflow run is marked KILLED", file=sys.stderr)
+        return 143
     _shutdown_ray()  # Ray's exit-time log lines must not follow the final JSON line
     print(json.dumps({"run_id": out["run_id"], "metrics": out["metrics"]}))
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _shutdown_ray() -> None:

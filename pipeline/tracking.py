@@ -28,6 +28,11 @@ def resolve_uri(uri: str) -> str:
         return uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by the Ray Jobs supervisor for the entrypoint
+        # Under `ray job submit` the working directory is a temporary copy: a default
+        # ./mlflow.db would vanish with it.
+        raise ValueError("running as a Ray job: set tracking.uri (an MLflow server or an absolute sqlite:/// path) "
+                         "or MLFLOW_TRACKING_URI; the default ./mlflow.db would be lost with the job's working dir")
     return f"sqlite:///{Path.cwd().resolve() / DEFAULT_DB}"
 
 
@@ -38,6 +43,9 @@ def _client(uri: str):
 
 
 def _git_commit() -> str:
+    # A job submitted to Ray runs from an upload without .git; the submitter can pass it.
+    if os.environ.get("DML_GIT_COMMIT"):
+        return os.environ["DML_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=5, check=True).stdout.strip()
