@@ -101,6 +101,28 @@ def start_miner(cfg: Config, uri: str, run_id: str) -> tuple[list, dict, dict, d
     return [miner, refresher], {"refresher": refresher_name}, {"name": name, "timeout_s": cfg.miner.timeout_s}, gate
 
 
+def class_models(cfg: Config) -> dict[int, int] | None:
+    """Class id -> vehicle model id (-1 unknown) from the shards' manifest, for the Mixed Difference Network.
+
+    The model is an attribute of the vehicle, so the model branch's labels follow from the
+    batch's class labels. Returns None unless ``model.arch`` is ``mixed_diff``; raises
+    ShardError when the manifest or its ``model`` labels are missing.
+    """
+    from pipeline.data.shards import ShardError, find_manifest
+
+    if cfg.model.arch != "mixed_diff":
+        return None
+    manifest = find_manifest(cfg.data.train)
+    if manifest is None or "model" not in manifest.get("extra_fields", []):
+        raise ShardError(f"model.arch=mixed_diff needs shards with vehicle model labels and their manifest.json "
+                         f"(python -m jobs.make_shards --layout vehicleid); none found for data.train='{cfg.data.train}'")
+    out = {}
+    for c in manifest["classes"]:
+        m = (c.get("extras") or {}).get("model")
+        out[int(c["id"])] = -1 if m is None else int(m)
+    return out
+
+
 def run_training(cfg: Config) -> dict:
     """Train per ``cfg``, evaluate on ``data.eval`` when set, and track it all in MLflow.
 
@@ -127,7 +149,8 @@ def run_training(cfg: Config) -> dict:
         ds = build_train_dataset(cfg, _manifest_images(cfg.data.train), miner=ds_miner, gate=gate)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id, "miner": loop_miner},
+            train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id, "miner": loop_miner,
+                               "class_models": class_models(cfg)},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
                 use_gpu=cfg.scaling.use_gpu,
@@ -162,7 +185,7 @@ def run_training(cfg: Config) -> dict:
             metrics.update(ev)
         status = "FINISHED"
         return {"run_id": run_id, "metrics": metrics, "checkpoint": result.checkpoint.path}
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ray's driver turns SIGTERM into SystemExit
         status = "KILLED"
         raise
     finally:

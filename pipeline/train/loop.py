@@ -112,6 +112,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         refresher = AsyncRefresh(loop_config["miner"]["refresher"])
 
+    model_of_class = None
+    if loop_config.get("class_models"):
+        from pipeline.models.mixed_diff import model_branch_loss
+
+        cm = loop_config["class_models"]
+        model_of_class = torch.full((max(int(k) for k in cm) + 1,), -1, dtype=torch.long, device=device)
+        for k, v in cm.items():
+            model_of_class[int(k)] = int(v)
+
     shard = ray.train.get_dataset_shard("train")
     step, t_last, t_wait, losses = 0, time.perf_counter(), 0.0, []
     t_fetch = time.perf_counter()
@@ -120,8 +129,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         images = batch["images"][0].to(device, non_blocking=True)
         labels = batch["labels"][0].to(device)
         model.train()
-        emb = model(images)
-        loss = loss_fn(emb, labels)
+        branch = {}
+        if model_of_class is not None:
+            # Mixed Difference Network: metric loss on the fused embedding + the model
+            # branch's cross-entropy; called through the DDP wrapper so gradients sync.
+            emb, logits = model(images, return_logits=True)
+            metric = loss_fn(emb, labels)
+            ce = model_branch_loss(logits, model_of_class[labels])
+            loss = metric + cfg.loss.model_branch_weight * ce
+            branch = {"train/metric_loss": metric.item(), "train/model_ce": ce.item()}
+        else:
+            emb = model(images)
+            loss = loss_fn(emb, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -129,7 +148,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         losses.append(loss.item())
         if metrics_out is not None:
             t_mine = time.perf_counter()
-            row = {"train/loss": losses[-1], **_mining_metrics(batch, emb, labels, _unwrap(model), step)}
+            row = {"train/loss": losses[-1], **branch, **_mining_metrics(batch, emb, labels, _unwrap(model), step)}
             if refresher is not None:
                 refresher.report_step(step)
                 done = refresher.poll()
