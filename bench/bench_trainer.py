@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -70,11 +71,16 @@ def _torchrun_worker(args) -> None:
 def torchrun(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "res.json")
+        with socket.socket() as sock:  # a free port: a fixed one can still be in TIME_WAIT
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         t0 = time.time()
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.workers}",
-                        "--master_addr=127.0.0.1", "--master_port=29533", __file__, "--worker", "--out", out,
-                        f"--steps={args.steps}", f"--backbone={args.backbone}", f"--batch={args.batch}",
-                        f"--size={args.size}"], check=True, capture_output=True)
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.workers}",
+                            "--master_addr=127.0.0.1", f"--master_port={port}", __file__, "--worker", "--out", out,
+                            f"--steps={args.steps}", f"--backbone={args.backbone}", f"--batch={args.batch}",
+                            f"--size={args.size}"], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"torchrun failed ({p.returncode}):\n{p.stderr[-3000:]}")
         res = json.load(open(out))
     res["startup_s"] = res.pop("first_step_wall") - t0
     return res
