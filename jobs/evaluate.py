@@ -30,22 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from pipeline.data.shards import ShardError
     from pipeline.eval.evaluate import evaluate_run
+    from pipeline.train.driver import shutdown_ray
 
     try:
         out = evaluate_run(args.run_id, args.data, args.tracking_uri, args.protocol, args.pairs, args.test_list)
     except (LookupError, FileNotFoundError, ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _shutdown_ray()  # Ray's exit-time log lines must not follow the final JSON line
+    shutdown_ray()  # Ray's exit-time log lines must not follow the final JSON line
     print(json.dumps(out))
     return 0
-
-
-def _shutdown_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 if __name__ == "__main__":

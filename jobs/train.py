@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from pipeline.data.shards import ShardError
-    from pipeline.train.driver import run_training
+    from pipeline.train.driver import run_training, shutdown_ray
 
     # SIGTERM (a preempted node, `ray job stop`, a scheduler) ends the MLflow run KILLED,
     # never RUNNING. Before Ray starts, our handler raises KeyboardInterrupt; once it runs,
@@ -41,20 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, SystemExit):
         print("interrupted: the MLflow run is marked KILLED", file=sys.stderr)
         return 143
-    _shutdown_ray()  # Ray's exit-time log lines must not follow the final JSON line
+    shutdown_ray()  # Ray's exit-time log lines must not follow the final JSON line
     print(json.dumps({"run_id": out["run_id"], "metrics": out["metrics"]}))
     return 0
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _shutdown_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 if __name__ == "__main__":

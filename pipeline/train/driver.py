@@ -31,6 +31,14 @@ def init_ray(cfg: Config) -> None:
              configure_logging=True, logging_level="WARNING")
 
 
+def shutdown_ray() -> None:
+    """Stop this process's Ray connection (local instance included) if one is open."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def _quiet_ray_data() -> None:
     # Ray Data's per-operator progress tables flood a terminal every few seconds; the
     # trainer prints its own progress (steps, images/s, data wait).
