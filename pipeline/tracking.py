@@ -3,6 +3,16 @@
 Only the driver and rank 0 talk to MLflow. With no ``tracking.uri`` the store is a SQLite
 file ``mlflow.db`` in the working directory, with artifacts under ``mlartifacts/`` beside
 it (absolute paths, so Ray workers whose working directory differs write to the same store).
+
+A tracking server that goes away must not stop training. :class:`MetricBuffer` sends
+metrics from a background thread and keeps what did not arrive for the next flush, so a
+training step never waits on MLflow; the outage is reported once (and its end once). The
+MLflow client's own HTTP retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7 with
+exponential backoff: minutes per call) would hide the outage inside one call and log a
+urllib3 warning per retry, so for http(s) URIs this module sets them to 0 retries and a
+10 s timeout unless the environment already sets them, and retries on its own terms:
+the buffer at its next flush, :func:`call_with_retries` for the driver's one-off calls
+(run end, final metrics, artifacts) for up to ``tracking.retry_s`` seconds.
 """
 
 from __future__ import annotations
@@ -10,7 +20,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 DEFAULT_DB = "mlflow.db"
@@ -36,10 +49,51 @@ def resolve_uri(uri: str) -> str:
     return f"sqlite:///{Path.cwd().resolve() / DEFAULT_DB}"
 
 
+HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+"""MLflow HTTP client settings used unless the environment sets them (see the module docstring)."""
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith(("http://", "https://")):
+        for k, v in HTTP_ENV_DEFAULTS.items():
+            os.environ.setdefault(k, v)
     return MlflowClient(tracking_uri=uri)
+
+
+def call_with_retries(fn, what: str, retry_s: float, first_wait_s: float = 1.0):
+    """Call ``fn()`` until it succeeds or ``retry_s`` seconds have passed; returns its result.
+
+    Waits double from ``first_wait_s`` (capped at 30 s) between attempts and prints one line
+    on the first failure. MLflow's "not found"/"invalid" answers are not retried. Raises the
+    last error when time runs out.
+    """
+    from mlflow.exceptions import MlflowException
+
+    deadline, wait, told = time.monotonic() + retry_s, first_wait_s, False
+    while True:
+        try:
+            return fn()
+        except MlflowException as e:
+            if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            err = e
+        except OSError as e:  # connection errors that escape MLflow's wrapping
+            err = e
+        if time.monotonic() + wait > deadline:
+            raise err
+        if not told:
+            print(f"[tracking] {what} failed ({_short(err)}); retrying for up to {retry_s:.0f}s",
+                  file=sys.stderr, flush=True)
+            told = True
+        time.sleep(wait)
+        wait = min(30.0, 2 * wait)
+
+
+def _short(err: BaseException) -> str:
+    text = str(getattr(err, "message", "") or err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
 
 
 def _git_commit() -> str:
@@ -93,40 +147,170 @@ def start_run(cfg, config_yaml: str, dataset: str = "") -> tuple[str, str]:
     return uri, run_id
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-    """Log a dict of metrics at one step."""
-    buf = MetricBuffer(uri, run_id)
-    buf.add(step or 0, metrics)
-    buf.flush()
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None,
+                retry_s: float = 0.0) -> None:
+    """Log a dict of metrics at one step, now; retried for up to ``retry_s`` seconds.
+
+    Raises the MLflow error when they could not be sent.
+    """
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    rows = [Metric(metric_name(k), float(v), ts, step or 0) for k, v in metrics.items()]
+    client = _client(uri)
+
+    def send():
+        for i in range(0, len(rows), 500):
+            client.log_batch(run_id, metrics=rows[i : i + 500])
+
+    call_with_retries(send, f"logging metrics to run {run_id}", retry_s)
 
 
 class MetricBuffer:
-    """Collects per-step metrics on rank 0 and sends them to MLflow in batches."""
+    """Collects per-step metrics (rank 0, driver) and sends them to MLflow without blocking.
 
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri, self.run_id = uri, run_id
+    :meth:`flush` hands the queued metrics to a background thread and returns at once;
+    metrics that did not arrive (server unreachable, timeout) stay queued, in order, for
+    the next flush. The first failure prints one warning and the first success after it
+    one line saying how many buffered metrics went out: an outage is reported once, not
+    per step. At most ``max_rows`` metrics are kept; beyond that the oldest are dropped
+    and counted (``dropped``). :meth:`close` sends what is left, waiting a bounded time.
+    """
+
+    def __init__(self, uri: str, run_id: str, max_rows: int = 1_000_000) -> None:
+        self.uri, self.run_id, self.max_rows = uri, run_id, max_rows
         self.rows: list = []
+        """Metrics not yet sent, oldest first."""
+        self.sent = 0
+        """Metrics delivered so far."""
+        self.dropped = 0
+        """Metrics dropped because more than ``max_rows`` were waiting."""
+        self.failing = False
+        """True while the last send attempt failed."""
+        self.outages = 0
+        """Times the server went from reachable to unreachable (each reported once)."""
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
-        """Queue ``metrics`` for ``step``."""
-        import time
-
+        """Queue ``metrics`` for ``step`` (timestamped now)."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.rows += [Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items()]
+        new = [Metric(metric_name(k), float(v), ts, step) for k, v in metrics.items()]
+        with self._lock:
+            self.rows += new
+            over = len(self.rows) - self.max_rows
+            if over > 0:
+                del self.rows[:over]
+                self.dropped += over
 
-    def flush(self) -> None:
-        """Send the queued metrics."""
-        client = _client(self.uri)
-        for i in range(0, len(self.rows), 500):
-            client.log_batch(self.run_id, metrics=self.rows[i : i + 500])
-        self.rows = []
+    def flush(self, wait: bool = False) -> bool:
+        """Send the queued metrics in a background thread (one at a time).
+
+        Returns at once unless ``wait``; with ``wait`` it waits for the send and returns
+        whether nothing is left queued. Never raises for an unreachable server.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._send, name="mlflow-metrics", daemon=True)
+            self._thread.start()
+        if wait:
+            self._thread.join()
+            with self._lock:
+                return not self.rows
+        return False
+
+    def close(self, timeout_s: float = 60.0, retry_every_s: float = 2.0) -> int:
+        """Flush until everything is sent or ``timeout_s`` has passed; returns the metrics left unsent."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._thread is not None:
+                self._thread.join(max(0.0, deadline - time.monotonic()))
+                if self._thread.is_alive():
+                    break
+            if self.flush(wait=True) or time.monotonic() + retry_every_s > deadline:
+                break
+            time.sleep(retry_every_s)
+        with self._lock:
+            left = len(self.rows)
+        if left:
+            print(f"[tracking] {left} metrics of run {self.run_id} could not be sent to {self.uri} "
+                  f"within {timeout_s:.0f}s and are lost", file=sys.stderr, flush=True)
+        return left
+
+    def _send(self) -> None:
+        with self._lock:
+            batch = list(self.rows)
+        if not batch:
+            return
+        done = 0
+        try:
+            client = _client(self.uri)
+            for i in range(0, len(batch), 500):
+                client.log_batch(self.run_id, metrics=batch[i : i + 500])
+                done = min(len(batch), i + 500)
+        except Exception as e:  # noqa: BLE001 -- any failure to deliver keeps the rows for later
+            err = e
+        else:
+            err = None
+        with self._lock:
+            # add() only appends and drops from the front: the first rows are ours unless
+            # some of them were dropped meanwhile.
+            self._forget(batch[:done])
+            if err is not None and not self.failing:
+                self.failing = True
+                self.outages += 1
+                print(f"[tracking] MLflow at {self.uri} is unreachable ({_short(err)}); training goes on, "
+                      f"metrics are buffered and sent when it is back (reported once)", file=sys.stderr, flush=True)
+            elif err is None and self.failing:
+                self.failing = False
+                print(f"[tracking] MLflow at {self.uri} is reachable again; sent the buffered metrics",
+                      file=sys.stderr, flush=True)
+
+    def _forget(self, sent: list) -> None:
+        ids = {id(m) for m in sent}
+        n = len(self.rows)
+        self.rows = [m for m in self.rows if id(m) not in ids]
+        self.sent += n - len(self.rows)
 
 
-def log_artifacts(uri: str, run_id: str, local_dir: str, artifact_path: str) -> None:
-    """Upload a directory as artifacts of the run."""
-    _client(uri).log_artifacts(run_id, local_dir, artifact_path)
+def log_artifacts(uri: str, run_id: str, local_dir: str, artifact_path: str, retry_s: float = 0.0) -> None:
+    """Upload a directory as artifacts of the run, retrying for up to ``retry_s`` seconds."""
+    client = _client(uri)
+    call_with_retries(lambda: client.log_artifacts(run_id, local_dir, artifact_path),
+                      f"uploading {artifact_path} to run {run_id}", retry_s)
+
+
+def find_run(uri: str, experiment: str, run_name: str) -> str | None:
+    """Id of the newest run named ``run_name`` in ``experiment`` that did not finish, else None.
+
+    A run ended FINISHED is never picked: a new job with that name starts a new run.
+    """
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None or not run_name:
+        return None
+    quoted = run_name.replace("'", "\\'")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
+                              order_by=["attributes.start_time DESC"], max_results=20)
+    for run in runs:
+        if run.info.status != "FINISHED":
+            return run.info.run_id
+    return None
+
+
+def resume_run(uri: str, run_id: str, config_yaml: str, step: int) -> None:
+    """Reopen run ``run_id`` (status RUNNING) for a job that continues it from ``step``.
+
+    Params are not logged again (MLflow refuses changed values); the resumed job's config
+    goes to ``config_resumed_step<step>.yaml`` and the tag ``resumed_from_step`` says where
+    training picked up. Raises LookupError for an unknown run id.
+    """
+    get_run(uri, run_id)
+    client = _client(uri)
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "resumed_from_step", str(step))
+    client.log_text(run_id, config_yaml, f"config_resumed_step{step}.yaml")
 
 
 def download_artifacts(uri: str, run_id: str, path: str, dst: str | None = None) -> str:
@@ -134,9 +318,13 @@ def download_artifacts(uri: str, run_id: str, path: str, dst: str | None = None)
     return _client(uri).download_artifacts(run_id, path, dst or tempfile.mkdtemp(prefix="dml-"))
 
 
-def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    """Mark the run FINISHED, FAILED or KILLED."""
-    _client(uri).set_terminated(run_id, status=status)
+def end_run(uri: str, run_id: str, status: str = "FINISHED", retry_s: float = 0.0) -> None:
+    """Mark the run FINISHED, FAILED or KILLED, retrying for up to ``retry_s`` seconds.
+
+    Raises the MLflow error when the server stayed unreachable that long.
+    """
+    client = _client(uri)
+    call_with_retries(lambda: client.set_terminated(run_id, status=status), f"ending run {run_id} {status}", retry_s)
 
 
 def get_run(uri: str, run_id: str):

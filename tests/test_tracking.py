@@ -49,3 +49,151 @@ def test_run_life_cycle(monkeypatch, tmp_path):
     # Artifacts go next to the SQLite file, not into the working directory.
     assert MlflowClient(tracking_uri=uri).get_experiment(run.info.experiment_id).artifact_location.startswith(
         (tmp_path / "mlartifacts").as_uri())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _MlflowServer:
+    """A real ``mlflow server`` on a loopback port that the test can stop and start again (same store)."""
+
+    def __init__(self, root) -> None:
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.root = root
+        self.proc = None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+        from pathlib import Path
+
+        mlflow = Path(sys.executable).parent / "mlflow"
+        self.log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2).read()
+                return
+            except OSError:
+                assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        raise TimeoutError(f"mlflow server on {self.uri} did not come up")
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its uvicorn worker
+            self.proc.wait(timeout=60)
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = _MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_metrics_survive_a_tracking_server_outage(mlflow_server, monkeypatch, capfd):
+    """Server stopped mid-run: adds and flushes never block or raise, the outage is reported
+    once, and every metric arrives with its step once the server is back."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    for k in tracking.HTTP_ENV_DEFAULTS:
+        monkeypatch.delenv(k, raising=False)
+    cfg = load_config(None, [f"tracking.uri={mlflow_server.uri}", "tracking.experiment=outage"])
+    uri, run_id = tracking.start_run(cfg, dump_yaml(cfg))
+    buf = tracking.MetricBuffer(uri, run_id)
+    for step in range(1, 4):
+        buf.add(step, {"train/loss": 10.0 - step})
+    assert buf.flush(wait=True) and buf.sent == 3
+
+    mlflow_server.stop()
+    slowest = 0.0
+    for step in range(4, 14):
+        t0 = time.monotonic()
+        buf.add(step, {"train/loss": 10.0 - step, "train/images_per_s": 100.0 * step})
+        buf.flush()
+        slowest = max(slowest, time.monotonic() - t0)
+        time.sleep(0.05)
+    assert slowest < 0.5, f"a flush blocked the training step for {slowest:.2f}s"
+    buf.flush(wait=True)
+    assert buf.failing and buf.outages == 1 and len(buf.rows) == 20
+
+    mlflow_server.start()
+    buf.add(14, {"train/loss": -4.0})
+    assert buf.close(timeout_s=60) == 0
+    assert buf.sent == 3 + 20 + 1 and not buf.failing
+    tracking.end_run(uri, run_id, "FINISHED", retry_s=30)
+
+    client = MlflowClient(tracking_uri=uri)
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+    assert loss == [(s, 10.0 - s) for s in range(1, 15)]
+    ips = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/images_per_s"))
+    assert ips == [(s, 100.0 * s) for s in range(4, 14)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    err = capfd.readouterr().err
+    assert err.count("is unreachable") == 1, err
+    assert err.count("reachable again") == 1, err
+
+
+def test_end_run_retries_until_the_server_is_back(mlflow_server, monkeypatch):
+    """The run never stays RUNNING because the server was briefly down when the job ended."""
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    for k in tracking.HTTP_ENV_DEFAULTS:
+        monkeypatch.delenv(k, raising=False)
+    cfg = load_config(None, [f"tracking.uri={mlflow_server.uri}", "tracking.experiment=outage",
+                             "train.run_name=again"])
+    uri, run_id = tracking.start_run(cfg, dump_yaml(cfg))
+    mlflow_server.stop()
+    restart = threading.Timer(3.0, mlflow_server.start)
+    restart.start()
+    t0 = time.monotonic()
+    tracking.end_run(uri, run_id, "KILLED", retry_s=120)
+    restart.join()
+    assert time.monotonic() - t0 >= 3.0
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.status == "KILLED"
+    # A killed run is found again by its name and reopened; a FINISHED one is not.
+    assert tracking.find_run(uri, "outage", "again") == run_id
+    tracking.resume_run(uri, run_id, "x: 1\n", step=40)
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["resumed_from_step"] == "40"
+    tracking.end_run(uri, run_id, "FINISHED")
+    assert tracking.find_run(uri, "outage", "again") is None
+    assert tracking.find_run(uri, "outage", "other") is None
+
+
+def test_end_run_gives_up_after_retry_s(monkeypatch):
+    """Nothing listens: the error comes back after about retry_s, not MLflow's minutes of retries."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for k in tracking.HTTP_ENV_DEFAULTS:
+        monkeypatch.delenv(k, raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(MlflowException):
+        tracking.end_run(f"http://127.0.0.1:{_free_port()}", "0" * 32, "FAILED", retry_s=3)
+    assert time.monotonic() - t0 < 20
