@@ -21,6 +21,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def quickstart_data() -> Path:
+    """The quickstart shards (200 synthetic classes x 20 images, 64 px) under data/quickstart, made if missing."""
+    data = ROOT / "data/quickstart"
+    if not (data / "manifest.json").exists():
+        subprocess.run([sys.executable, "-m", "jobs.make_shards", "--layout", "synthetic", "--num-classes", "200",
+                        "--images-per-class", "20", "--image-size", "64", "--shard-size", "500", "--out", str(data)],
+                       cwd=ROOT, check=True)
+    return data
+
+
+def run_job(cmd: list[str]) -> dict:
+    """Run a ``jobs.train`` command line; return its final JSON line (exit with its stderr tail on failure)."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"run failed: {' '.join(cmd)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--losses", nargs="+", default=["triplet", "npair_ovo", "npair_mc"])
@@ -29,11 +48,7 @@ def main() -> int:
     p.add_argument("--experiment", default="loss-ordering")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    data = ROOT / "data/quickstart"
-    if not (data / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "jobs.make_shards", "--layout", "synthetic", "--num-classes", "200",
-                        "--images-per-class", "20", "--image-size", "64", "--shard-size", "500", "--out", str(data)],
-                       cwd=ROOT, check=True)
+    data = quickstart_data()
     out_dir = ROOT / "bench/out"
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
@@ -45,11 +60,7 @@ def main() -> int:
                    f"train.steps={args.steps}", f"tracking.uri=sqlite:///{out_dir / 'mlflow.db'}",
                    f"tracking.experiment={args.experiment}", f"train.storage_path={out_dir / 'runs'}",
                    f"data.train={data / 'train'}", f"data.eval={data / 'holdout'}", *args.overrides]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"run failed: {' '.join(cmd)}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            res = run_job(cmd)
             m = res["metrics"]
             row = {"seed": seed, "run_id": res["run_id"], "recall@1": m["recall@1"], "nmi": m["nmi"],
                    "untrained_recall@1": m["untrained_recall@1"], "wall_s": time.time() - t0}

@@ -58,6 +58,8 @@ class ModelConfig:
     """``embedding`` (backbone + head) or ``mixed_diff`` (Liu et al. 2016's Mixed Difference Network: a vehicle-model branch with a softmax classifier and an instance branch, fused into the embedding; needs shards with ``model`` labels)."""
     num_vehicle_models: int = 250
     """mixed_diff: classes of the vehicle-model classifier (VehicleID: 250); labels must be below it."""
+    norm: str = "batch"
+    """Normalisation layers of the backbone: ``batch`` (BatchNorm2d, as published) or ``group`` (GroupNorm, up to 32 groups). With hard class mining prefer ``group``: train-mode BatchNorm normalises a batch by its own statistics, which removes much of the similarity that mined classes share (BENCHMARKS.md, mining)."""
 
 
 @dataclass
@@ -187,6 +189,7 @@ class Config:
             ("train.optimizer", self.train.optimizer in ("sgd", "adam"), "must be 'sgd' or 'adam'"),
             ("model.head", self.model.head in ("linear", "linear_bn"), "must be 'linear' or 'linear_bn'"),
             ("model.arch", self.model.arch in ("embedding", "mixed_diff"), "must be 'embedding' or 'mixed_diff'"),
+            ("model.norm", self.model.norm in ("batch", "group"), "must be 'batch' or 'group'"),
             ("model.num_vehicle_models", self.model.num_vehicle_models >= 1, "must be >= 1"),
             ("loss.model_branch_weight", self.loss.model_branch_weight >= 0, "must be >= 0"),
         ]

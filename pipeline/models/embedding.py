@@ -13,6 +13,7 @@ STD = (0.229, 0.224, 0.225)
 
 BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "iresnet18", "iresnet50")
 HEADS = ("linear", "linear_bn")
+NORMS = ("batch", "group")
 
 
 def _tiny() -> tuple[nn.Module, int]:
@@ -25,8 +26,11 @@ def _tiny() -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), c_in
 
 
-def build_backbone(name: str, weights: str = "") -> tuple[nn.Module, int]:
+def build_backbone(name: str, weights: str = "", norm: str = "batch") -> tuple[nn.Module, int]:
     """Return ``(trunk, feature_dim)`` for a backbone name; ``weights`` is an optional local file.
+
+    ``norm``: ``batch`` keeps the published BatchNorm2d layers, ``group`` replaces them by
+    GroupNorm (:func:`to_group_norm`) before the weights are loaded.
 
     Names: ``tiny``, torchvision ``resnet18``/``34``/``50`` (global-pooled features) and
     ``iresnet18``/``50`` (ArcFace's face trunk for 112x112, flattened 512x7x7 features).
@@ -48,6 +52,10 @@ def build_backbone(name: str, weights: str = "") -> tuple[nn.Module, int]:
         trunk, dim = iresnet(name)
     else:
         raise ValueError(f"unknown model.backbone '{name}' (choose {', '.join(BACKBONES)})")
+    if norm == "group":
+        to_group_norm(trunk)
+    elif norm != "batch":
+        raise ValueError(f"unknown model.norm '{norm}' (choose {', '.join(NORMS)})")
     if weights:
         p = Path(weights)
         if not p.is_file():
@@ -57,6 +65,34 @@ def build_backbone(name: str, weights: str = "") -> tuple[nn.Module, int]:
         if len(missing) == len(trunk.state_dict()):
             raise ValueError(f"model.weights '{p}' matches no parameter of backbone '{name}'")
     return trunk, dim
+
+
+def _groups(channels: int, max_groups: int = 32) -> int:
+    """The largest group count <= ``max_groups`` that divides ``channels``."""
+    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+
+
+def to_group_norm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` in ``module`` (in place) by a ``GroupNorm`` over the same channels.
+
+    GroupNorm normalises each image by itself, so an image's embedding does not depend on
+    which other images share its batch. That matters for hard class mining: train-mode
+    BatchNorm normalises a batch of look-alike classes by their own statistics and removes
+    the similarity the miner chose them for. Affine parameters keep BatchNorm's names
+    (``weight``, ``bias``), so BatchNorm weights load into the converted layers (running
+    statistics are ignored). Returns ``module``.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            gn = nn.GroupNorm(_groups(child.num_features), child.num_features, eps=child.eps, affine=child.affine)
+            if child.affine:
+                with torch.no_grad():
+                    gn.weight.copy_(child.weight)
+                    gn.bias.copy_(child.bias)
+            setattr(module, name, gn)
+        else:
+            to_group_norm(child)
+    return module
 
 
 def build_head(kind: str, in_dim: int, out_dim: int) -> nn.Module:

@@ -11,7 +11,7 @@ def build_model(cfg) -> nn.Module:
     """Return the network of a ``ModelConfig``: ``arch`` embedding (:class:`EmbeddingNet`) or
     mixed_diff (:class:`MixedDifferenceNet`). Both map images to embeddings with ``model(images)``.
 
-    Raises ValueError for an unknown arch, backbone or head; FileNotFoundError for a missing
+    Raises ValueError for an unknown arch, backbone, head or norm; FileNotFoundError for a missing
     weights file.
     """
     from pipeline.models.embedding import EmbeddingNet, build_backbone
@@ -20,7 +20,7 @@ def build_model(cfg) -> nn.Module:
     head = getattr(cfg, "head", "linear")
     if arch not in ARCHS:
         raise ValueError(f"unknown model.arch '{arch}' (choose {', '.join(ARCHS)})")
-    trunk, dim = build_backbone(cfg.backbone, cfg.weights)
+    trunk, dim = build_backbone(cfg.backbone, cfg.weights, getattr(cfg, "norm", "batch"))
     if arch == "mixed_diff":
         from pipeline.models.mixed_diff import MixedDifferenceNet
 

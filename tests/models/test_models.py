@@ -61,6 +61,52 @@ def test_unknown_names_raise():
         load_config(None, ["model.arch=siamese"])
     with pytest.raises(ConfigError, match="loss.model_branch_weight"):
         load_config(None, ["loss.model_branch_weight=-1"])
+    with pytest.raises(ValueError, match="model.norm"):
+        build_model(ModelConfig(backbone="tiny", norm="layer"))
+    with pytest.raises(ConfigError, match="model.norm"):
+        load_config(None, ["model.norm=layer"])
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18", "iresnet18"])
+def test_group_norm_replaces_every_batchnorm2d(backbone):
+    bn_trunk, _ = build_backbone(backbone)
+    gn_trunk, _ = build_backbone(backbone, norm="group")
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in bn_trunk.modules())
+    gns = [m for m in gn_trunk.modules() if isinstance(m, nn.GroupNorm)]
+    assert n_bn > 0 and len(gns) == n_bn
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gn_trunk.modules())
+    for m in gns:
+        assert m.num_channels % m.num_groups == 0 and m.num_groups <= 32
+        assert m.num_groups == max(g for g in range(1, 33) if m.num_channels % g == 0)
+
+
+def test_group_norm_embedding_does_not_depend_on_batch_companions():
+    """The point of norm=group for mining: in train mode an image's embedding is its own."""
+    for norm, independent in (("group", True), ("batch", False)):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(backbone="tiny", embedding_dim=8, norm=norm)).train()
+        a, b = _images(4, 32, seed=1), _images(4, 32, seed=2)
+        with torch.no_grad():
+            alone = model(a)
+            mixed = model(torch.cat([a, b]))[:4]
+        assert torch.allclose(alone, mixed, atol=1e-5) == independent, norm
+
+
+def test_batchnorm_weights_load_into_group_norm(tmp_path):
+    torch.manual_seed(0)
+    trunk, _ = build_backbone("tiny")
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    torch.save(trunk.state_dict(), tmp_path / "w.pt")
+    gn_trunk, _ = build_backbone("tiny", weights=str(tmp_path / "w.pt"), norm="group")
+    bns = [m for m in trunk.modules() if isinstance(m, nn.BatchNorm2d)]
+    gns = [m for m in gn_trunk.modules() if isinstance(m, nn.GroupNorm)]
+    for bn, gn in zip(bns, gns, strict=True):
+        torch.testing.assert_close(gn.weight, bn.weight)
+        torch.testing.assert_close(gn.bias, bn.bias)
 
 
 # --- IResNet ----------------------------------------------------------------------------
