@@ -2,7 +2,8 @@
 
     python -m jobs.train --config configs/quickstart.yaml [key=value ...]
 
-Prints one final JSON line: {"run_id": ..., "metrics": {...}}.
+Prints one final JSON line: {"run_id": ..., "metrics": {...}}. Rerun with the same
+``train.run_name`` (and ``train.storage_path``) to resume a run that was killed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from pipeline.data.shards import ShardError
-    from pipeline.train.driver import run_training, shutdown_ray
+    from pipeline.train.driver import StorageError, run_training, shutdown_ray
 
     # SIGTERM (a preempted node, `ray job stop`, a scheduler) ends the MLflow run KILLED,
     # never RUNNING. Before Ray starts, our handler raises KeyboardInterrupt; once it runs,
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         out = run_training(cfg)
-    except ShardError as e:
+    except (ShardError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit):

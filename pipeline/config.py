@@ -117,11 +117,13 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Report a checkpoint every this many steps; 0 = only at the end."""
     storage_path: str = ""
-    """Where Ray Train keeps checkpoints (local path or URI); empty = ./runs."""
+    """Where Ray Train keeps checkpoints: a local path or a pyarrow filesystem URI (s3://, gs://); empty = ./runs. On a multi-node cluster a local path must be absolute and on storage every node shares (checked before training starts)."""
     run_name: str = ""
-    """Name of the Ray Train / MLflow run; empty = generated."""
+    """Name of the Ray Train / MLflow run; empty = generated. Rerunning a job with the same name (and ``storage_path``) resumes it from its latest checkpoint, in the same MLflow run."""
     max_failures: int = 0
-    """Worker-group restarts Ray Train may do before giving up."""
+    """Worker-group restarts Ray Train may do before giving up (each resumes from the latest checkpoint); -1 = no limit."""
+    sample_ledger: str = ""
+    """Debugging/audit aid: a directory where every rank appends one JSON line per trained step (rank, pid, step resumed from, step, the batch's ``sample_ids``), to check that a resumed run trains no sample twice; empty = off. Needs a file system shared by all workers."""
 
 
 @dataclass
@@ -142,6 +144,8 @@ class TrackingConfig:
     """MLflow tracking URI; empty = sqlite:///mlflow.db in the working directory."""
     experiment: str = "dml"
     """MLflow experiment name."""
+    retry_s: float = 120.0
+    """Seconds the driver keeps retrying MLflow at the end of a run (final metrics, artifacts, run status) when the server is unreachable; during training, metrics are buffered instead and never block a step."""
 
 
 @dataclass
@@ -184,6 +188,9 @@ class Config:
             ("scaling.num_workers", self.scaling.num_workers >= 1, "must be >= 1"),
             ("train.steps", self.train.steps >= 1, "must be >= 1"),
             ("train.lr", self.train.lr > 0, "must be > 0"),
+            ("train.max_failures", self.train.max_failures >= -1, "must be >= -1 (-1 = no limit)"),
+            ("train.checkpoint_every", self.train.checkpoint_every >= 0, "must be >= 0 (0 = only at the end)"),
+            ("tracking.retry_s", self.tracking.retry_s >= 0, "must be >= 0"),
             ("data.image_size", self.data.image_size >= 16, "must be >= 16"),
             ("model.embedding_dim", self.model.embedding_dim >= 1, "must be >= 1"),
             ("train.optimizer", self.train.optimizer in ("sgd", "adam"), "must be 'sgd' or 'adam'"),

@@ -1,10 +1,20 @@
-"""The driver side of a training job: Ray, MLflow run, TorchTrainer.fit, final evaluation."""
+"""The driver side of a training job: Ray, MLflow run, TorchTrainer.fit, final evaluation.
+
+Resuming a run: Ray Train (V2) keeps a snapshot of the reported checkpoints in
+``<train.storage_path>/<run name>/`` and, when a trainer starts with the same
+``RunConfig(name, storage_path)``, hands the latest one to the workers through
+``ray.train.get_checkpoint()``; that covers both a worker-group restart inside one job
+(``train.max_failures``) and a job rerun after the whole job was killed. Before ``fit()``
+the driver reads the same snapshot (``ray.train.Result.from_path``) to find the MLflow run
+id the checkpoint belongs to, and reopens that run instead of creating a new one.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
+import uuid
 
 from pipeline.config import Config, dump_yaml, to_dict
 
@@ -52,8 +62,154 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+class StorageError(RuntimeError):
+    """``train.storage_path`` cannot hold the run's checkpoints on this cluster."""
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
 def _storage_path(cfg: Config) -> str:
-    return cfg.train.storage_path or os.path.abspath("runs")
+    """``train.storage_path`` (default ``./runs``) with a local path made absolute."""
+    path = cfg.train.storage_path or "runs"
+    if _is_uri(path):
+        return path
+    return os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
+
+
+def check_storage(storage_path: str, timeout_s: float = 60.0) -> None:
+    """On a multi-node cluster, make sure every alive node sees the local ``storage_path``.
+
+    Ray Train's workers and controller write checkpoints from whichever node they run on,
+    and a restarted worker group reads them back from another: a directory that is not
+    shared would lose checkpoints silently. The driver writes a marker file with a random
+    token, and a zero-CPU task pinned to each alive node
+    (``NodeAffinitySchedulingStrategy(soft=False)``) reads it back. URIs (``s3://``,
+    ``gs://``, ...) and single-node clusters are not checked.
+
+    Raises StorageError for a relative path (on more than one node), or naming the nodes
+    that do not see the marker. Nodes that do not answer within ``timeout_s`` get a warning.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if _is_uri(storage_path) or len(nodes) < 2:
+        return
+    path = storage_path[len("file://"):] if storage_path.startswith("file://") else storage_path
+    if not os.path.isabs(path):
+        raise StorageError(f"train.storage_path '{storage_path}' is a relative path on a {len(nodes)}-node cluster: "
+                           f"give an absolute path on a file system all nodes share (NFS), or an s3:// / gs:// URI")
+    token = uuid.uuid4().hex
+    marker = os.path.join(path, f".dml-shared-check-{token}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(token)
+    except OSError as e:
+        raise StorageError(f"train.storage_path '{path}': the driver cannot write there ({e})") from None
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
+        refs = {n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")":
+                read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(marker)
+                for n in nodes}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        missing, silent = [], []
+        for node, ref in refs.items():
+            if ref not in ready:
+                silent.append(node)
+            elif ray.get(ref) != token:
+                missing.append(node)
+    finally:
+        try:
+            os.remove(marker)
+        except OSError:
+            pass
+    if silent:
+        print(f"[train] warning: node(s) {', '.join(silent)} did not answer the storage check within "
+              f"{timeout_s:.0f}s; train.storage_path '{path}' must be shared with them too", file=sys.stderr, flush=True)
+    if missing:
+        raise StorageError(
+            f"train.storage_path '{path}' is not shared by all nodes: {', '.join(missing)} cannot see the file "
+            f"the driver wrote there ({os.path.basename(marker)}). Checkpoints written on one node would be missing "
+            f"on another. Use a shared file system mounted at the same path on every node, or an s3:// / gs:// URI")
+
+
+def _read_marker(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def latest_checkpoint(storage_path: str, name: str) -> dict | None:
+    """``meta.json`` of the latest checkpoint Ray Train holds for run ``name``, with its ``path``; None if none."""
+    import pyarrow.fs
+    import ray.train
+
+    from pipeline.train.checkpoint import META_FILE
+
+    exp = storage_path.rstrip("/") + "/" + name
+    try:
+        ckpt = ray.train.Result.from_path(exp).checkpoint
+    except RuntimeError:  # no such run folder, or no checkpoint snapshot in it
+        return None
+    if ckpt is None:
+        return None
+    import json
+
+    try:
+        with ckpt.filesystem.open_input_stream(ckpt.path.rstrip("/") + "/" + META_FILE) as f:
+            meta = json.loads(f.read().decode())
+    except (OSError, ValueError, pyarrow.lib.ArrowException) as e:
+        raise StorageError(f"the latest checkpoint of run '{name}' ({ckpt.path}) has no readable {META_FILE} ({e}); "
+                           f"it was written by an older version: use a new train.run_name") from None
+    meta["path"] = ckpt.path
+    return meta
+
+
+def open_run(cfg: Config, storage_path: str, name: str) -> tuple[str, str]:
+    """The MLflow run of this job: the one a previous job of run ``name`` left, else a new one.
+
+    The run id comes from the latest checkpoint (``latest_checkpoint``), else from an
+    unfinished MLflow run with that name (killed before its first checkpoint). Returns
+    ``(tracking_uri, run_id)``. Raises StorageError when that checkpoint already reached
+    ``train.steps``.
+    """
+    from pipeline import tracking
+
+    latest = latest_checkpoint(storage_path, name) if cfg.train.run_name else None
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    if latest is not None:
+        run_id, step = latest["run_id"], int(latest["step"])
+        if step >= cfg.train.steps:
+            raise StorageError(f"run '{name}' (MLflow run {run_id}) already reached step {step} of train.steps="
+                               f"{cfg.train.steps} in {storage_path}: raise train.steps to train on, or pick a new "
+                               f"train.run_name")
+        print(f"[train] resuming run {run_id} ({name}) from step {step}", flush=True)
+    else:
+        run_id = tracking.find_run(uri, cfg.tracking.experiment, cfg.train.run_name) if cfg.train.run_name else None
+        step = 0
+        if run_id is not None:
+            print(f"[train] resuming run {run_id} ({name}) from step 0: it has no checkpoint yet", flush=True)
+    if run_id is None:
+        return tracking.start_run(cfg, dump_yaml(cfg))
+    tracking.resume_run(uri, run_id, dump_yaml(cfg), step)
+    return uri, run_id
+
+
+def start_position(run_id: str) -> tuple[object, str] | tuple[None, None]:
+    """Create the data position actor (``position-<run_id>``); returns ``(handle, name)``, or Nones without the stream's support."""
+    try:
+        from pipeline.data.position import get_or_create_position
+    except ImportError:
+        # TODO(issue 7): pipeline/data/position.py (the stream's side) has not landed in this
+        # tree; until it does, a resumed run re-reads its data from the beginning.
+        return None, None
+    name = f"position-{run_id}"
+    return get_or_create_position(name), name
 
 
 def _manifest_images(spec: str) -> int | None:
@@ -131,11 +287,20 @@ def class_models(cfg: Config) -> dict[int, int] | None:
     return out
 
 
+def _train_dataset(build, cfg: Config, miner: dict | None, gate: dict | None, position: str | None):
+    if position is None:
+        return build(cfg, _manifest_images(cfg.data.train), miner=miner, gate=gate)
+    return build(cfg, _manifest_images(cfg.data.train), miner=miner, gate=gate, position=position)
+
+
 def run_training(cfg: Config) -> dict:
     """Train per ``cfg``, evaluate on ``data.eval`` when set, and track it all in MLflow.
 
     Returns ``{"run_id": ..., "metrics": {...}, "checkpoint": path}``. The MLflow run ends
     FINISHED, or FAILED (then the exception propagates), or KILLED on KeyboardInterrupt.
+    A job whose ``train.run_name`` has checkpoints in ``train.storage_path`` resumes that
+    run (see the module docstring). Raises StorageError, before any MLflow run is opened,
+    for a storage path the cluster's nodes do not share.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -145,28 +310,32 @@ def run_training(cfg: Config) -> dict:
     from pipeline.train.loop import CKPT_FILE, load_checkpoint, train_loop_per_worker
 
     init_ray(cfg)
-    uri, run_id = tracking.start_run(cfg, dump_yaml(cfg))
-    print(f"[train] MLflow run {run_id} in {uri}", flush=True)
+    storage = _storage_path(cfg)
+    check_storage(cfg.train.storage_path or storage)
+    uri, run_id = open_run(cfg, storage, cfg.train.run_name)
+    name = cfg.train.run_name or f"dml-{run_id[:8]}"
+    print(f"[train] MLflow run {run_id} in {uri}; checkpoints in {storage}/{name}", flush=True)
     status = "FAILED"
     try:
         t0 = time.time()
-        # The miner and refresher actors live as long as these handles: keep them until fit ends.
+        # The miner, refresher and position actors live as long as these handles: keep them until fit ends.
         miner_actors, loop_miner, ds_miner, gate = [], None, None, None
         if cfg.miner.enabled:
             miner_actors, loop_miner, ds_miner, gate = start_miner(cfg, uri, run_id)
-        ds = build_train_dataset(cfg, _manifest_images(cfg.data.train), miner=ds_miner, gate=gate)
+        position, position_name = start_position(run_id)
+        ds = _train_dataset(build_train_dataset, cfg, ds_miner, gate, position_name)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id, "miner": loop_miner,
-                               "class_models": class_models(cfg)},
+                               "class_models": class_models(cfg), "position": position_name},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
                 use_gpu=cfg.scaling.use_gpu,
                 resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
             ),
             run_config=ray.train.RunConfig(
-                name=cfg.train.run_name or f"dml-{run_id[:8]}",
-                storage_path=_storage_path(cfg),
+                name=name,
+                storage_path=storage,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             ),
@@ -174,22 +343,23 @@ def run_training(cfg: Config) -> dict:
         )
         result = trainer.fit()
         train_s = time.time() - t0
-        for actor in miner_actors:
+        for actor in miner_actors + ([position] if position is not None else []):
             ray.kill(actor)  # an unfinished refresh dies with them; nothing waits on it
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
         metrics = {"train_loss": float(result.metrics["loss"]), "train_time_s": train_s}
+        retry_s = cfg.tracking.retry_s
         with result.checkpoint.as_directory() as d:
-            tracking.log_artifacts(uri, run_id, d, "checkpoint")
+            tracking.log_artifacts(uri, run_id, d, "checkpoint", retry_s=retry_s)
             state = load_checkpoint(os.path.join(d, CKPT_FILE))["model"]
-        tracking.log_metrics(uri, run_id, {"train_time_s": train_s}, step=cfg.train.steps)
+        tracking.log_metrics(uri, run_id, {"train_time_s": train_s}, step=cfg.train.steps, retry_s=retry_s)
         if cfg.data.eval:
             from pipeline.eval.evaluate import evaluate_state, initial_state
 
             ev = evaluate_state(cfg, state, cfg.data.eval)
             untrained = evaluate_state(cfg, initial_state(cfg), cfg.data.eval)
             ev.update({f"untrained_{k}": v for k, v in untrained.items()})
-            tracking.log_metrics(uri, run_id, ev, step=cfg.train.steps)
+            tracking.log_metrics(uri, run_id, ev, step=cfg.train.steps, retry_s=retry_s)
             metrics.update(ev)
         status = "FINISHED"
         return {"run_id": run_id, "metrics": metrics, "checkpoint": result.checkpoint.path}
@@ -197,6 +367,6 @@ def run_training(cfg: Config) -> dict:
         status = "KILLED"
         raise
     finally:
-        tracking.end_run(uri, run_id, status)
+        tracking.end_run(uri, run_id, status, retry_s=cfg.tracking.retry_s)
         if status != "FINISHED":
             print(f"[train] run {run_id} ended {status}", file=sys.stderr, flush=True)

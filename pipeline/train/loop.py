@@ -11,17 +11,28 @@ With the miner on, also the composer's columns (selection time, fallbacks, index
 the same hardness of the random side-by-side batch when the row carries one, and the
 asynchronous refreshes (``pipeline.mining.refresh.AsyncRefresh``) that rank 0 starts every
 ``miner.refresh_every`` steps without waiting for them.
+
+Resuming (``pipeline.train.checkpoint`` has the format): every worker-group start asks
+``ray.train.get_checkpoint()`` for the latest complete checkpoint (after a worker failure,
+or when a job is rerun with the same ``train.run_name``) and continues from it: weights,
+optimizer, RNG states, step counter, the same MLflow run. The data position travels with
+it: every rank gathers the ``sample_ids`` of the batches it trained since the last
+checkpoint, and the checkpoint holds all of them. Before any rank reads its dataset shard,
+rank 0 hands them to the position actor (``loop_config["position"]``), whose consumed ids
+the stream's composer drops when it starts; the other ranks wait for that at a barrier.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 
+import numpy as np
 import torch
 
-CKPT_FILE = "model.pt"
+from pipeline.train.checkpoint import CKPT_FILE, load_checkpoint, load_checkpoint_dir, save_checkpoint, set_rng_state
+
+__all__ = ["CKPT_FILE", "load_checkpoint", "make_optimizer", "train_loop_per_worker"]
 
 
 def make_optimizer(cfg, params):
@@ -29,18 +40,6 @@ def make_optimizer(cfg, params):
     if cfg.train.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
-
-
-def save_checkpoint(directory: str, model: torch.nn.Module, optimizer, step: int, run_id: str) -> str:
-    """Write ``model.pt`` (model/optimizer state, step, MLflow run id) into ``directory``."""
-    path = os.path.join(directory, CKPT_FILE)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "run_id": run_id}, path)
-    return path
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain types only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def side_embeddings(module: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -81,11 +80,62 @@ def _mining_metrics(batch: dict, emb: torch.Tensor, labels: torch.Tensor, module
     return out
 
 
+def _resume_state() -> dict | None:
+    """The latest complete checkpoint Ray Train holds for this run (None on a fresh start)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return load_checkpoint_dir(d)
+
+
+def _start_attempt(rank: int, world: int, consumed: np.ndarray, position: str | None) -> tuple[str, float]:
+    """Set the data position before any rank reads its shard; returns the attempt's ``(token, start time)``.
+
+    Rank 0 hands the consumed ids to the position actor, then draws a token naming this
+    worker-group start; a broadcast of the token is also the barrier the other ranks wait at.
+    """
+    import uuid
+
+    if rank == 0 and position:
+        _set_position(position, consumed)
+    token = [uuid.uuid4().hex[:12], time.time()] if rank == 0 else [None, None]
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(token, src=0)
+    return token[0], token[1]
+
+
+def _set_position(name: str, consumed: np.ndarray) -> None:
+    import ray
+
+    try:
+        from pipeline.data.position import get_or_create_position
+    except ImportError:
+        # TODO(issue 7): pipeline/data/position.py (the stream's side) has not landed in this
+        # tree; without it the stream restarts from the beginning after a resume.
+        print("[train] pipeline.data.position is missing: the data position is not restored", flush=True)
+        return
+    ray.get(get_or_create_position(name).set.remote(consumed), timeout=60)
+
+
+def _gather_ids(ids: list[np.ndarray], world: int) -> np.ndarray:
+    """The sample ids every rank trained since the last checkpoint, concatenated in rank order (all ranks call it)."""
+    mine = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    if world == 1 or not torch.distributed.is_initialized():
+        return mine
+    out = [None] * world
+    torch.distributed.all_gather_object(out, mine)
+    return np.concatenate(out).astype(np.int64)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point.
 
-    ``loop_config`` holds ``cfg`` (the config as a dict), ``tracking_uri``, ``run_id`` and
-    ``miner``: None, or ``{"refresher": actor name}`` when mining is on.
+    ``loop_config`` holds ``cfg`` (the config as a dict), ``tracking_uri``, ``run_id``,
+    ``miner`` (None, or ``{"refresher": actor name}`` when mining is on), ``class_models``
+    and ``position`` (the name of the data position actor, or None).
     """
     import ray.train
     import ray.train.torch
@@ -100,12 +150,38 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP broadcasts rank 0's anyway
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    model = ray.train.torch.prepare_model(build_model(cfg.model))
+    resume = _resume_state()
+    model = build_model(cfg.model)
+    if resume is not None:
+        # Before prepare_model: DDP broadcasts rank 0's weights when it wraps the model.
+        model.load_state_dict(resume["model"])
+    model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     cross_rank = cfg.loss.cross_rank if cfg.loss.cross_rank is not None else world > 1
     loss_fn = build_loss(cfg.loss.name, l2_reg=cfg.loss.l2_reg, margin=cfg.loss.margin, cross_rank=cross_rank)
     optimizer = make_optimizer(cfg, model.parameters())
+    step, consumed = 0, np.zeros(0, dtype=np.int64)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        set_rng_state(resume["rng"])
+        step, consumed = resume["step"], resume["consumed_ids"].numpy()
+        if resume["run_id"] != loop_config["run_id"]:
+            raise RuntimeError(f"the checkpoint of step {step} belongs to MLflow run {resume['run_id']}, "
+                               f"this job logs to {loop_config['run_id']}: use a new train.run_name")
+        if rank == 0:
+            print(f"[train] resuming from the checkpoint of step {step} ({consumed.size} samples consumed)", flush=True)
+    start_step = step
+    attempt, started = _start_attempt(rank, world, consumed, loop_config.get("position"))
+    if step >= cfg.train.steps:
+        return  # the run is complete; nothing to redo
     metrics_out = MetricBuffer(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    if metrics_out is not None and resume is not None:
+        metrics_out.add(step, {"train/resumed_from_step": step})
+    ledger = None
+    if cfg.train.sample_ledger:
+        from pipeline.train.ledger import SampleLedger
+
+        ledger = SampleLedger(cfg.train.sample_ledger, rank, attempt, started, start_step)
     refresher = None
     if rank == 0 and loop_config.get("miner"):
         from pipeline.mining.refresh import AsyncRefresh
@@ -122,12 +198,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             model_of_class[int(k)] = int(v)
 
     shard = ray.train.get_dataset_shard("train")
-    step, t_last, t_wait, losses = 0, time.perf_counter(), 0.0, []
+    t_last, t_wait, losses, fresh_ids, has_ids = time.perf_counter(), 0.0, [], [], None
     t_fetch = time.perf_counter()
     for batch in shard.iter_torch_batches(batch_size=1, prefetch_batches=2):
         t_wait += time.perf_counter() - t_fetch
         images = batch["images"][0].to(device, non_blocking=True)
         labels = batch["labels"][0].to(device)
+        if has_ids is None:
+            has_ids = batch.get("sample_ids") is not None
+            if not has_ids and rank == 0:
+                print("[train] the stream's rows carry no sample_ids: no data position in checkpoints, "
+                      "no sample ledger", flush=True)
         model.train()
         branch = {}
         if model_of_class is not None:
@@ -146,6 +227,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.step()
         step += 1
         losses.append(loss.item())
+        if has_ids:
+            ids = batch["sample_ids"][0].cpu().numpy().astype(np.int64)
+            ids = ids[ids >= 0]  # -1: a slot the stream filled with a copy of another image, not a sample
+            fresh_ids.append(ids)
+            if ledger is not None:
+                ledger.write(step, ids)
         if metrics_out is not None:
             t_mine = time.perf_counter()
             row = {"train/loss": losses[-1], **branch, **_mining_metrics(batch, emb, labels, _unwrap(model), step)}
@@ -163,7 +250,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             row["mine/rank0_overhead_ms"] = 1000.0 * (time.perf_counter() - t_mine)
             metrics_out.add(step, row)
         last = step >= cfg.train.steps
-        if step % cfg.train.log_every == 0 or last:
+        want_ckpt = last or bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+        if step % cfg.train.log_every == 0 or want_ckpt:
             dt = time.perf_counter() - t_last
             n = len(losses)
             m = {
@@ -177,17 +265,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics_out.flush()
                 print(f"[train] step {step}/{cfg.train.steps} loss {m['loss']:.4f} "
                       f"{m['images_per_s']:.0f} img/s data-wait {100 * m['data_wait_frac']:.0f}%", flush=True)
-            want_ckpt = last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+            if want_ckpt:
+                # A collective: every rank gathers at the same (deterministic) step.
+                consumed = np.concatenate([consumed, _gather_ids(fresh_ids, world)])
+                fresh_ids = []
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if want_ckpt and rank == 0:
-                    save_checkpoint(tmp, _unwrap(model), optimizer, step, loop_config["run_id"])
+                    # Written completely (model.pt, then meta.json) before Ray sees the directory.
+                    save_checkpoint(tmp, _unwrap(model), optimizer, step, loop_config["run_id"],
+                                    consumed_ids=consumed, world_size=world)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(m, checkpoint=ckpt)
+            if want_ckpt and rank == 0 and loop_config.get("position"):
+                _set_position(loop_config["position"], consumed)
             t_last, t_wait, losses = time.perf_counter(), 0.0, []
         if last:
             break
         t_fetch = time.perf_counter()
+    if ledger is not None:
+        ledger.close()
+    if metrics_out is not None:
+        metrics_out.close(timeout_s=cfg.tracking.retry_s)
     if step < cfg.train.steps:
         raise RuntimeError(
             f"the data stream ran dry after {step} of {cfg.train.steps} steps on rank {rank}: "
