@@ -1,6 +1,6 @@
 """Hard class mining vs random classes on the quickstart data, equal steps, several seeds (Sohn 2016, sec. 3.2.2).
 
-    python bench/mining_effect.py [--seeds 0 1 2] [--steps 300] [-- key=value ...]
+    python bench/mining_effect.py [--seeds 0 1 2] [--steps 300] [--data DIR] [-- key=value ...]
 
 Runs ``jobs.train`` with ``configs/quickstart_mining.yaml`` twice per seed, ``miner.enabled``
 true and false, everything else equal; tracks the runs in ``bench/out/mlflow.db``
@@ -9,7 +9,9 @@ mining runs, how hard the trained batches were against the random batches drawn 
 side from the same pool at the same moment (``mine/*`` vs ``mine/random_*`` at the steps
 that have both; the last two thirds of the run, once the embeddings have some structure):
 hardest-negative cosine and margin-violation fraction, and their ratios mined / random.
-Prints a table and a final JSON line. Extra ``key=value`` overrides after ``--`` go to
+``--data`` trains on other shards made by ``jobs.make_shards`` (``DIR/train``,
+``DIR/holdout``, ``DIR/exemplars``), e.g. many classes, where random batches rarely hold
+look-alikes. Prints a table and a final JSON line. Extra ``key=value`` overrides after ``--`` go to
 every run.
 """
 
@@ -53,9 +55,10 @@ def main() -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--experiment", default="mining-effect")
+    p.add_argument("--data", type=Path, default=None, help="shards dir (default: the quickstart data, made if missing)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    data = quickstart_data()
+    data = args.data.resolve() if args.data else quickstart_data()
     out_dir = ROOT / "bench/out"
     out_dir.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{out_dir / 'mlflow.db'}"
@@ -67,7 +70,8 @@ def main() -> int:
                    f"miner.enabled={str(mining).lower()}", f"train.seed={seed}", f"train.steps={args.steps}",
                    f"tracking.uri={uri}", f"tracking.experiment={args.experiment}",
                    f"train.storage_path={out_dir / 'runs'}", f"data.train={data / 'train'}",
-                   f"data.eval={data / 'holdout'}", *args.overrides]
+                   f"data.eval={data / 'holdout'}",
+                   f"data.exemplars={data / 'exemplars'}", *args.overrides]
             res = run_job(cmd)
             row = {"seed": seed, "mining": mining, "run_id": res["run_id"], "recall@1": res["metrics"]["recall@1"],
                    "wall_s": time.time() - t0}
@@ -91,7 +95,7 @@ def main() -> int:
     print(f"\nmean R@1 mining {summary['recall@1_mining']:.4f} vs random {summary['recall@1_random']:.4f}; "
           + ", ".join(f"{label} ratio {summary[f'{k}_ratio']:.2f}" for k, label in PAIRS))
     (out_dir / "mining_effect.json").write_text(json.dumps({"summary": summary, "runs": rows}, indent=1))
-    print(json.dumps({"bench": "mining_effect", "steps": args.steps, "seeds": args.seeds,
+    print(json.dumps({"bench": "mining_effect", "data": str(data), "steps": args.steps, "seeds": args.seeds,
                       "overrides": args.overrides, **{k: round(v, 4) for k, v in summary.items()}}))
     return 0
 
