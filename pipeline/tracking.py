@@ -169,7 +169,9 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | No
 class MetricBuffer:
     """Collects per-step metrics (rank 0, driver) and sends them to MLflow without blocking.
 
-    :meth:`flush` hands the queued metrics to a background thread and returns at once;
+    :meth:`flush` hands the queued metrics to a background thread and returns at once
+    (or waits a bounded time, e.g. at a checkpoint, so that the metrics of the steps it
+    covers are in MLflow before a failure could lose them);
     metrics that did not arrive (server unreachable, timeout) stay queued, in order, for
     the next flush. The first failure prints one warning and the first success after it
     one line saying how many buffered metrics went out: an outage is reported once, not
@@ -191,6 +193,7 @@ class MetricBuffer:
         """Times the server went from reachable to unreachable (each reported once)."""
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._mlflow = None  # one client per buffer: making one costs seconds on a busy machine (SQLite store)
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         """Queue ``metrics`` for ``step`` (timestamped now)."""
@@ -205,30 +208,30 @@ class MetricBuffer:
                 del self.rows[:over]
                 self.dropped += over
 
-    def flush(self, wait: bool = False) -> bool:
-        """Send the queued metrics in a background thread (one at a time).
+    def flush(self, wait_s: float = 0.0) -> bool:
+        """Send the queued metrics in a background thread (one send at a time).
 
-        Returns at once unless ``wait``; with ``wait`` it waits for the send and returns
-        whether nothing is left queued. Never raises for an unreachable server.
+        Returns at once by default. With ``wait_s`` > 0 it waits up to that long for a send
+        already running, then for this one, and returns whether everything was sent. Never
+        raises for an unreachable server.
         """
+        deadline = time.monotonic() + wait_s
+        if self._thread is not None and self._thread.is_alive() and wait_s > 0:
+            self._thread.join(wait_s)
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._send, name="mlflow-metrics", daemon=True)
             self._thread.start()
-        if wait:
-            self._thread.join()
-            with self._lock:
-                return not self.rows
-        return False
+        if wait_s <= 0:
+            return False
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            return not self.rows and not self._thread.is_alive()
 
     def close(self, timeout_s: float = 60.0, retry_every_s: float = 2.0) -> int:
         """Flush until everything is sent or ``timeout_s`` has passed; returns the metrics left unsent."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            if self._thread is not None:
-                self._thread.join(max(0.0, deadline - time.monotonic()))
-                if self._thread.is_alive():
-                    break
-            if self.flush(wait=True) or time.monotonic() + retry_every_s > deadline:
+        while not self.flush(wait_s=max(0.01, deadline - time.monotonic())):
+            if time.monotonic() + retry_every_s > deadline:
                 break
             time.sleep(retry_every_s)
         with self._lock:
@@ -245,7 +248,9 @@ class MetricBuffer:
             return
         done = 0
         try:
-            client = _client(self.uri)
+            if self._mlflow is None:
+                self._mlflow = _client(self.uri)
+            client = self._mlflow
             for i in range(0, len(batch), 500):
                 client.log_batch(self.run_id, metrics=batch[i : i + 500])
                 done = min(len(batch), i + 500)

@@ -146,16 +146,24 @@ def _read_marker(path: str) -> str:
 
 def latest_checkpoint(storage_path: str, name: str) -> dict | None:
     """``meta.json`` of the latest checkpoint Ray Train holds for run ``name``, with its ``path``; None if none."""
+    import logging
+
     import pyarrow.fs
     import ray.train
 
     from pipeline.train.checkpoint import META_FILE
 
     exp = storage_path.rstrip("/") + "/" + name
+    # Reading the snapshot logs Ray's "A run snapshot was found..." advice, meant for fit().
+    quiet = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         ckpt = ray.train.Result.from_path(exp).checkpoint
     except RuntimeError:  # no such run folder, or no checkpoint snapshot in it
         return None
+    finally:
+        quiet.setLevel(level)
     if ckpt is None:
         return None
     import json

@@ -266,6 +266,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 print(f"[train] step {step}/{cfg.train.steps} loss {m['loss']:.4f} "
                       f"{m['images_per_s']:.0f} img/s data-wait {100 * m['data_wait_frac']:.0f}%", flush=True)
             if want_ckpt:
+                if metrics_out is not None and not metrics_out.failing:
+                    # The steps this checkpoint covers will not be redone: get their metrics
+                    # into MLflow before a failure can lose them (bounded; no wait during an outage).
+                    metrics_out.flush(wait_s=30.0)
                 # A collective: every rank gathers at the same (deterministic) step.
                 consumed = np.concatenate([consumed, _gather_ids(fresh_ids, world)])
                 fresh_ids = []
