@@ -47,6 +47,10 @@ def side_by_side(uri: str, run_id: str, from_step: int) -> dict:
         m, r = statistics.mean(mined[s] for s in steps), statistics.mean(rand[s] for s in steps)
         out[key] = {"mined": m, "random": r, "ratio": m / r if r else float("nan"), "steps": len(steps),
                     "mined_higher_frac": sum(mined[s] > rand[s] for s in steps) / len(steps)}
+        if key == "hardest_neg_sim_mean":
+            # Cosines of look-alike negatives crowd near 1, where a ratio of similarities says
+            # little; the cosine distance (1 - cos) to the hardest negative shows the gap.
+            out[key]["distance_ratio"] = (1 - m) / (1 - r) if r < 1 else float("nan")
     return out
 
 
@@ -91,6 +95,8 @@ def main() -> int:
         "recall@1_mining": statistics.mean(r["recall@1"] for r in on),
         "recall@1_random": statistics.mean(r["recall@1"] for r in off),
         **{f"{k}_ratio": statistics.mean(r["hardness"][k]["ratio"] for r in on) for k, _ in PAIRS},
+        "hardest_neg_distance_ratio": statistics.mean(r["hardness"]["hardest_neg_sim_mean"]["distance_ratio"]
+                                                      for r in on),
     }
     print(f"\nmean R@1 mining {summary['recall@1_mining']:.4f} vs random {summary['recall@1_random']:.4f}; "
           + ", ".join(f"{label} ratio {summary[f'{k}_ratio']:.2f}" for k, label in PAIRS))
