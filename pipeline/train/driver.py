@@ -144,51 +144,108 @@ def _read_marker(path: str) -> str:
         return ""
 
 
-def latest_checkpoint(storage_path: str, name: str) -> dict | None:
-    """``meta.json`` of the latest checkpoint Ray Train holds for run ``name``, with its ``path``; None if none."""
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+"""Ray Train's (V2) list of registered checkpoints in ``<storage_path>/<run name>/``."""
+
+
+def latest_checkpoint(storage_path: str, name: str, repair: bool = False) -> dict | None:
+    """The checkpoint a job of run ``name`` resumes from: its ``meta.json``, plus ``path`` and ``registered``.
+
+    Normally the latest checkpoint in Ray Train's run snapshot (``registered`` True; Ray
+    hands it to the workers itself). Ray writes that snapshot in place, so a job killed at
+    the wrong moment leaves it empty or cut (seen here after SIGTERM: a 0-byte file), and
+    Ray Train would then refuse to start. Then, or when there is no snapshot at all, the
+    newest checkpoint directory whose ``meta.json`` is readable and whose ``model.pt`` has
+    the size it records is used (``registered`` False: the driver passes it to the loop).
+    With ``repair`` an unreadable snapshot is moved aside (``<name>.unreadable-<time>``) so
+    that Ray Train can start; only a driver about to run ``name`` may do that (a running
+    job's controller rereads the snapshot when it restarts its worker group). Returns None
+    when the run has no complete checkpoint.
+    """
+    import pyarrow.fs
+
+    fs, exp = pyarrow.fs.FileSystem.from_uri(storage_path.rstrip("/") + "/" + name)
+    scheme = storage_path.split("://", 1)[0] + "://" if _is_uri(storage_path) else ""
+    snapshot = f"{exp}/{SNAPSHOT_FILE}"
+    if fs.get_file_info(snapshot).type == pyarrow.fs.FileType.File:
+        try:
+            ckpt = _registered_checkpoint(scheme + exp)
+        except Exception as e:  # noqa: BLE001 -- whatever Ray makes of a cut snapshot
+            if not repair:
+                return _newest_complete(fs, exp, scheme)
+            aside = f"{snapshot}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+            fs.move(snapshot, aside)
+            print(f"[train] Ray Train's run snapshot {scheme}{snapshot} is unreadable ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); moved it to {aside} and resuming from "
+                  f"the newest complete checkpoint directory", file=sys.stderr, flush=True)
+        else:
+            if ckpt is None:
+                return None
+            meta = _read_meta(ckpt.filesystem, ckpt.path)
+            if meta is None:
+                raise StorageError(f"the latest checkpoint of run '{name}' ({ckpt.path}) has no readable meta.json: "
+                                   f"it was written by an older version of this project; use a new train.run_name")
+            return dict(meta, path=scheme + ckpt.path, registered=True)
+    return _newest_complete(fs, exp, scheme)
+
+
+def _newest_complete(fs, exp: str, scheme: str) -> dict | None:
+    import pyarrow.fs
+
+    best = None
+    if fs.get_file_info(exp).type != pyarrow.fs.FileType.Directory:
+        return None
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(exp)):
+        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        meta = _read_meta(fs, info.path)
+        if meta is None or fs.get_file_info(f"{info.path}/{meta.get('file', 'model.pt')}").size != meta.get("bytes"):
+            continue  # not fully written
+        if best is None or meta["step"] > best["step"]:
+            best = dict(meta, path=scheme + info.path, registered=False)
+    return best
+
+
+def _registered_checkpoint(exp: str):
     import logging
 
-    import pyarrow.fs
     import ray.train
 
-    from pipeline.train.checkpoint import META_FILE
-
-    exp = storage_path.rstrip("/") + "/" + name
     # Reading the snapshot logs Ray's "A run snapshot was found..." advice, meant for fit().
     quiet = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        ckpt = ray.train.Result.from_path(exp).checkpoint
-    except RuntimeError:  # no such run folder, or no checkpoint snapshot in it
-        return None
+        return ray.train.Result.from_path(exp).checkpoint
     finally:
         quiet.setLevel(level)
-    if ckpt is None:
-        return None
+
+
+def _read_meta(fs, directory: str) -> dict | None:
     import json
 
+    import pyarrow
+
+    from pipeline.train.checkpoint import META_FILE
+
     try:
-        with ckpt.filesystem.open_input_stream(ckpt.path.rstrip("/") + "/" + META_FILE) as f:
-            meta = json.loads(f.read().decode())
-    except (OSError, ValueError, pyarrow.lib.ArrowException) as e:
-        raise StorageError(f"the latest checkpoint of run '{name}' ({ckpt.path}) has no readable {META_FILE} ({e}); "
-                           f"it was written by an older version: use a new train.run_name") from None
-    meta["path"] = ckpt.path
-    return meta
+        with fs.open_input_stream(f"{directory.rstrip('/')}/{META_FILE}") as f:
+            return json.loads(f.read().decode())
+    except (OSError, ValueError, pyarrow.ArrowException):
+        return None
 
 
-def open_run(cfg: Config, storage_path: str, name: str) -> tuple[str, str]:
+def open_run(cfg: Config, storage_path: str, name: str) -> tuple[str, str, dict | None]:
     """The MLflow run of this job: the one a previous job of run ``name`` left, else a new one.
 
     The run id comes from the latest checkpoint (``latest_checkpoint``), else from an
     unfinished MLflow run with that name (killed before its first checkpoint). Returns
-    ``(tracking_uri, run_id)``. Raises StorageError when that checkpoint already reached
-    ``train.steps``.
+    ``(tracking_uri, run_id, the checkpoint to resume from or None)``. Raises StorageError
+    when that checkpoint already reached ``train.steps``.
     """
     from pipeline import tracking
 
-    latest = latest_checkpoint(storage_path, name) if cfg.train.run_name else None
+    latest = latest_checkpoint(storage_path, name, repair=True) if cfg.train.run_name else None
     uri = tracking.resolve_uri(cfg.tracking.uri)
     if latest is not None:
         run_id, step = latest["run_id"], int(latest["step"])
@@ -203,9 +260,9 @@ def open_run(cfg: Config, storage_path: str, name: str) -> tuple[str, str]:
         if run_id is not None:
             print(f"[train] resuming run {run_id} ({name}) from step 0: it has no checkpoint yet", flush=True)
     if run_id is None:
-        return tracking.start_run(cfg, dump_yaml(cfg))
+        return (*tracking.start_run(cfg, dump_yaml(cfg)), None)
     tracking.resume_run(uri, run_id, dump_yaml(cfg), step)
-    return uri, run_id
+    return uri, run_id, latest
 
 
 def start_position(run_id: str) -> tuple[object, str] | tuple[None, None]:
@@ -320,7 +377,9 @@ def run_training(cfg: Config) -> dict:
     init_ray(cfg)
     storage = _storage_path(cfg)
     check_storage(cfg.train.storage_path or storage)
-    uri, run_id = open_run(cfg, storage, cfg.train.run_name)
+    uri, run_id, latest = open_run(cfg, storage, cfg.train.run_name)
+    # A checkpoint Ray Train does not know of (its snapshot was lost): the loop loads it itself.
+    resume_from = latest["path"] if latest is not None and not latest["registered"] else None
     name = cfg.train.run_name or f"dml-{run_id[:8]}"
     print(f"[train] MLflow run {run_id} in {uri}; checkpoints in {storage}/{name}", flush=True)
     status = "FAILED"
@@ -335,7 +394,8 @@ def run_training(cfg: Config) -> dict:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id, "miner": loop_miner,
-                               "class_models": class_models(cfg), "position": position_name},
+                               "class_models": class_models(cfg), "position": position_name,
+                               "resume_from": resume_from},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
                 use_gpu=cfg.scaling.use_gpu,

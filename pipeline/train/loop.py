@@ -80,11 +80,18 @@ def _mining_metrics(batch: dict, emb: torch.Tensor, labels: torch.Tensor, module
     return out
 
 
-def _resume_state() -> dict | None:
-    """The latest complete checkpoint Ray Train holds for this run (None on a fresh start)."""
+def _resume_state(fallback: str | None) -> dict | None:
+    """The latest complete checkpoint Ray Train holds for this run, else the one at ``fallback`` (None: fresh start).
+
+    ``fallback`` is a checkpoint the driver found when Ray Train's run snapshot was lost
+    (``pipeline.train.driver.latest_checkpoint``); once this job reports a checkpoint, Ray's
+    own takes over.
+    """
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and fallback:
+        ckpt = ray.train.Checkpoint(fallback)
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
@@ -134,8 +141,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point.
 
     ``loop_config`` holds ``cfg`` (the config as a dict), ``tracking_uri``, ``run_id``,
-    ``miner`` (None, or ``{"refresher": actor name}`` when mining is on), ``class_models``
-    and ``position`` (the name of the data position actor, or None).
+    ``miner`` (None, or ``{"refresher": actor name}`` when mining is on), ``class_models``,
+    ``position`` (the name of the data position actor, or None) and ``resume_from`` (a
+    checkpoint path to start from when Ray Train has none, or None).
     """
     import ray.train
     import ray.train.torch
@@ -150,13 +158,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP broadcasts rank 0's anyway
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    resume = _resume_state()
+    resume = _resume_state(loop_config.get("resume_from"))
     model = build_model(cfg.model)
     if resume is not None:
         # Before prepare_model: DDP broadcasts rank 0's weights when it wraps the model.
         model.load_state_dict(resume["model"])
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the *_object collectives below use the current device with nccl
     cross_rank = cfg.loss.cross_rank if cfg.loss.cross_rank is not None else world > 1
     loss_fn = build_loss(cfg.loss.name, l2_reg=cfg.loss.l2_reg, margin=cfg.loss.margin, cross_rank=cross_rank)
     optimizer = make_optimizer(cfg, model.parameters())
