@@ -11,6 +11,7 @@ This module knows nothing of Ray, FAISS or torch: the stream wraps it in a Ray D
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -59,13 +60,15 @@ class BatchComposer:
         self.pool_target = max(pool_classes, self.n_global)
         self.selector = selector or RandomSelector()
         self.rng = np.random.default_rng(seed)
-        self.pool: dict[int, list[np.ndarray]] = {}
+        self.pool: dict[int, list] = {}
         self.dropped = 0
         """Images that left the pool unused (a class's last image when fewer than M remain)."""
+        self.on_drop: Callable[[list], None] | None = None
+        """Called with the items of each class that leaves the pool unused (see ``dropped``)."""
         self.batches = 0
 
-    def add(self, images: np.ndarray, labels: np.ndarray) -> None:
-        """Put decoded samples into the pool (``images[i]`` has class ``labels[i]``)."""
+    def add(self, images, labels) -> None:
+        """Put samples into the pool (``images[i]`` has class ``labels[i]``; any items, not only arrays)."""
         for img, lab in zip(images, labels):
             self.pool.setdefault(int(lab), []).append(img)
 
@@ -77,13 +80,27 @@ class BatchComposer:
 
         While streaming, a batch is drawn only when at least ``pool_classes`` classes are
         ready, so each choice is made from a full pool; with ``final`` the pool is drained
-        down to fewer than N ready classes. Returns lists of per-rank image and label arrays.
+        down to fewer than N ready classes. Returns lists of per-rank image and label arrays
+        (the images stacked; see :meth:`compose_items` for items that are not arrays).
+        """
+        xs, ys = self.compose_items(final)
+        return [np.stack(x) for x in xs], ys
+
+    def compose_items(self, final: bool = False, before_batch: Callable[[int], None] | None = None,
+                      max_batches: int | None = None) -> tuple[list[list], list[np.ndarray]]:
+        """Like :meth:`compose`, for pools of any items (JPEG bytes, ids...): returns per-rank
+        lists of K*M items and label arrays. ``before_batch(batches made so far)`` is called
+        before each global batch's classes are selected (the stream's trainer gate waits
+        there); at most ``max_batches`` global batches are made (None: all the pool allows).
         """
         out_x, out_y = [], []
-        while True:
+        made = 0
+        while max_batches is None or made < max_batches:
             ready = self._ready()
             if len(ready) < (self.n_global if final else self.pool_target):
                 break
+            if before_batch is not None:
+                before_batch(self.batches)
             chosen = self.selector.select(sorted(ready), self.n_global, self.rng)
             if len(chosen) != self.n_global or len(set(chosen)) != self.n_global or not set(chosen) <= set(ready):
                 raise RuntimeError(f"class selector returned {chosen!r}: expected {self.n_global} distinct ready classes")
@@ -94,10 +111,14 @@ class BatchComposer:
                     take = sorted(self.rng.choice(len(imgs), size=self.m, replace=False).tolist(), reverse=True)
                     xs += [imgs.pop(i) for i in take]
                     ys += [c] * self.m
-                out_x.append(np.stack(xs))
+                out_x.append(xs)
                 out_y.append(np.asarray(ys, dtype=np.int64))
             for c in chosen:
                 if len(self.pool[c]) < self.m:
-                    self.dropped += len(self.pool.pop(c))
+                    left = self.pool.pop(c)
+                    self.dropped += len(left)
+                    if left and self.on_drop is not None:
+                        self.on_drop(left)
             self.batches += 1
+            made += 1
         return out_x, out_y

@@ -1,0 +1,192 @@
+"""Bad training samples: the reasons, the per-run report actor, and the bad-fraction check.
+
+The stream skips every sample it cannot use and counts it under one of :data:`REASONS`
+(see ``pipeline/data/reader.py`` for where each is detected). The counts travel with the
+rows (``bad_counts``, cumulative) so the trainer can log them; the list of bad items
+(shard path, sample key, reason) goes to a named :class:`DataReport` actor that the stages
+push to without waiting, and that the driver reads with :func:`fetch_report` and writes
+with :func:`write_report` (an MLflow artifact).
+
+``data.max_bad_fraction``: once at least :data:`MIN_SEEN` samples have been seen, a bad
+fraction (reasons in :data:`FRACTION_REASONS`) above it stops the stream with a
+:class:`DataQualityError` that names the first offending files. The minimum keeps one
+early bad file (say 3 bad samples among the first 50) from killing a run whose data set
+is fine overall; 200 samples bound the fraction's noise to a few per cent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+REASONS = (
+    "corrupt_image",  # JPEG bytes that do not decode (or do not start with the JPEG SOI marker)
+    "truncated_image",  # JPEG bytes without the end-of-image marker (a cut file), or empty
+    "missing_label",  # a sample with a .jpg but no (or an unparsable) .cls
+    "missing_image",  # a sample with a .cls but no .jpg
+    "unknown_label",  # a label that is not a class id of the shard set's manifest
+    "small_class",  # a class with fewer than batch.images_per_class images: it can never be drawn
+    "truncated_tar",  # a shard unreadable from some point on (cut or garbled); counted once per shard
+    "empty_shard",  # a shard with no sample at all; counted once per shard
+)
+"""Why a sample was skipped; ``bad_counts[i]`` counts ``REASONS[i]``."""
+
+FRACTION_REASONS = tuple(r for r in REASONS if r != "small_class")
+"""Reasons that count towards ``data.max_bad_fraction``: broken data. A class too small to
+pair is a property of the data set (LFW has many), skipped and counted but not an error."""
+
+MIN_SEEN = 200
+"""Samples seen before ``data.max_bad_fraction`` is enforced (module docstring)."""
+
+MAX_ITEMS = 10_000
+"""Bad items the report keeps in full; beyond that only the counts grow."""
+
+
+class DataQualityError(RuntimeError):
+    """Too many bad samples: the message names the reasons and the first offending files."""
+
+
+def reason_index(reason: str) -> int:
+    """Position of ``reason`` in :data:`REASONS`; ValueError for an unknown reason."""
+    try:
+        return REASONS.index(reason)
+    except ValueError:
+        raise ValueError(f"unknown bad-sample reason {reason!r}; known: {', '.join(REASONS)}") from None
+
+
+def bad_fraction(counts, seen: int) -> float:
+    """Bad samples (:data:`FRACTION_REASONS`) over samples seen; 0 when nothing was seen."""
+    counts = np.asarray(counts)
+    bad = sum(int(counts[REASONS.index(r)]) for r in FRACTION_REASONS)
+    return bad / seen if seen > 0 else 0.0
+
+
+def check_bad_fraction(counts, seen: int, max_fraction: float, items: list, min_seen: int = MIN_SEEN) -> None:
+    """Raise :class:`DataQualityError` when the bad fraction exceeds ``max_fraction``.
+
+    ``counts`` is indexed by :data:`REASONS`; ``items`` are ``(shard path, key, reason)``
+    tuples, of which the first few are named. Nothing is checked before ``min_seen`` samples.
+    """
+    if seen < min_seen or max_fraction >= 1.0:
+        return
+    frac = bad_fraction(counts, seen)
+    if frac <= max_fraction:
+        return
+    counts = np.asarray(counts)
+    per = ", ".join(f"{r} {int(counts[i])}" for i, r in enumerate(REASONS) if counts[i])
+    files = sorted({str(i[0]) for i in items})
+    first = "; ".join(f"{p} [{k}] ({r})" for p, k, r in items[:5])
+    raise DataQualityError(
+        f"{frac:.1%} of the {seen} training samples seen so far are bad, above data.max_bad_fraction="
+        f"{max_fraction} ({per}). Bad files ({len(files)}): {', '.join(files[:5])}"
+        f"{f' and {len(files) - 5} more' if len(files) > 5 else ''}. First items: {first}. "
+        "Rewrite or remove these shards (python -m jobs.make_shards), or raise data.max_bad_fraction.")
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+class DataReport:
+    """Collects bad items and counts from the stream's stages (a Ray actor; see :func:`create_report`)."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(len(REASONS), dtype=np.int64)
+        self.items: list[tuple[str, str, str]] = []
+        self.seen = 0
+        self.resumed_skip = 0
+        self.decode_failures = 0
+        self.unused = 0
+        self.unused_ids: list[int] = []
+
+    def add(self, items: list, seen: int | None = None, resumed_skip: int | None = None) -> list[int]:
+        """Record ``(shard path, key, reason)`` items; ``seen`` / ``resumed_skip`` are the
+        sender's cumulative totals (the composer's). Returns the counts after the update."""
+        for path, key, reason in items:
+            self.counts[reason_index(reason)] += 1
+            if len(self.items) < MAX_ITEMS:
+                self.items.append((str(path), str(key), str(reason)))
+        if seen is not None:
+            self.seen = max(self.seen, int(seen))
+        if resumed_skip is not None:
+            self.resumed_skip = max(self.resumed_skip, int(resumed_skip))
+        return self.counts.tolist()
+
+    def add_decode_failures(self, items: list) -> int:
+        """Record images that failed to decode after composition (reason ``corrupt_image``);
+        returns the run's total of such failures so far (the decode actors add it to the
+        composer's counts, which do not include them)."""
+        self.add(items)
+        self.decode_failures += len(items)
+        return self.decode_failures
+
+    def add_unused(self, sample_ids) -> int:
+        """Record good samples that were never trained on: pool leftovers (a class's last
+        image when fewer than M remain, the pool at the end of the stream) and the good
+        images of a row dropped because a whole class failed to decode. Returns the total."""
+        ids = [int(i) for i in np.asarray(sample_ids).ravel()]
+        self.unused += len(ids)
+        self.unused_ids += ids[: max(0, 10 * MAX_ITEMS - len(self.unused_ids))]
+        return self.unused
+
+    def get_counts(self) -> list[int]:
+        """The counts so far, indexed by :data:`REASONS`."""
+        return self.counts.tolist()
+
+    def fetch(self) -> dict:
+        """Everything as plain types: see :func:`fetch_report`."""
+        return {
+            "counts": {r: int(c) for r, c in zip(REASONS, self.counts)},
+            "bad_total": int(self.counts.sum()),
+            "samples_seen": self.seen,
+            "bad_fraction": bad_fraction(self.counts, self.seen),
+            "resumed_skip": self.resumed_skip,
+            "unused": self.unused,
+            "unused_ids": list(self.unused_ids),
+            "items": [{"shard": p, "key": k, "reason": r} for p, k, r in self.items],
+            "items_left_out": int(self.counts.sum()) - len(self.items),
+        }
+
+
+def create_report(name: str, namespace: str | None = None):
+    """The named :class:`DataReport` actor, created if it does not exist yet; returns its handle.
+
+    Needs a connected Ray. Keep the handle referenced while the stream runs (the driver,
+    for the whole fit): a non-detached actor dies with its creator's last handle. It
+    reserves no CPU and survives no crash (``max_restarts=0``): a lost report costs the
+    list, never the run, because the stages never wait for it except on a decode failure.
+    """
+    ray = _ray()
+    cls = ray.remote(num_cpus=0, max_restarts=0)(DataReport)
+    return cls.options(name=name, namespace=namespace, get_if_exists=True).remote()
+
+
+def fetch_report(name: str, namespace: str | None = None, timeout_s: float = 30.0) -> dict:
+    """The report of actor ``name``: ``{"counts": {reason: n}, "bad_total", "samples_seen",
+    "bad_fraction", "resumed_skip", "unused", "unused_ids", "items": [{"shard", "key", "reason"}],
+    "items_left_out"}``. ``unused``: good samples never trained on (``DataReport.add_unused``;
+    the first 100,000 ids are kept).
+
+    ``samples_seen`` is what the composer had read at its last push (fire-and-forget pushes
+    may still be in flight right after the stream ends). Raises ValueError when no actor of
+    that name exists.
+    """
+    ray = _ray()
+    return ray.get(ray.get_actor(name, namespace=namespace).fetch.remote(), timeout=timeout_s)
+
+
+def write_report(report: dict | str, path: str | os.PathLike, namespace: str | None = None) -> Path:
+    """Write a report (a :func:`fetch_report` dict, or the actor's name) as JSON to ``path``; returns the path."""
+    if isinstance(report, str):
+        report = fetch_report(report, namespace=namespace)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+    return path
