@@ -1,28 +1,34 @@
 """Data stream throughput against the local decode limit, at 112x112 and 224x224.
 
-    python bench/bench_data.py [--sizes 112 224] [--classes 200] [--per-class 20]
+    python bench/bench_data.py [--sizes 112 224] [--classes 200] [--per-class 20] [--profile DIR]
 
 For each image size, on synthetic class-grouped shards:
-  * limit: decode + augment (the stream's own ``decode_images`` + flip) in a tight loop over
-    in-memory JPEG bytes, one process per core, summed;
-  * stream: images/s of the full Ray Data stream (read + decode + augment + N-pair batch
-    composition) delivered to a consumer that does nothing, as the cores divided by the CPU
-    seconds all Ray processes spend per delivered image (see ``stream_rate``);
-  * read stage alone: one Ray Data read task (``read_webdataset(decoder=None)``, concurrency 1)
-    vs plain ``tarfile`` iteration on one core: seconds per sample (both are CPU-bound on one
-    core, so wall time per sample approximates CPU time per sample).
-Prints a table and one final JSON line.
+  * limit: decode + flip (the stream's own ``decode_into``) in a tight loop over in-memory
+    JPEG bytes, one process per core, summed; each process warms up (imports, first decode)
+    before it is timed and runs for at least ~2 s;
+  * stream: images/s of the full Ray Data stream (read + compose + decode + flip) delivered
+    to a consumer that does nothing, as the cores divided by the CPU seconds that this
+    driver and every process it started (our Ray session only: GCS, raylet, workers) spend
+    per delivered image (see ``stream_rate``); the CPU split per process kind is printed;
+  * read stage alone: our tar reader (``pipeline.data.reader.read_shard``) vs plain
+    ``tarfile`` iteration, in this process, CPU seconds per sample.
+With ``--profile DIR`` it also runs the stream a second time sampled by py-spy (``py-spy record
+--subprocesses``, raw collapsed stacks in DIR) and prints where each process kind spends
+its samples. Prints a table and one final JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,36 +36,38 @@ sys.path.insert(0, ROOT)
 
 
 def _decode_loop(args) -> tuple[int, float]:
-    jpgs, size, reps = args
+    jpgs, size, min_s = args
     import numpy as np
     import torch
 
-    from pipeline.data.stream import decode_images
+    from pipeline.data.stream import decode_into
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    t = time.perf_counter()
+    out = np.empty((256, size, size, 3), dtype=np.uint8)
+    decode_into(jpgs[:256], out)  # warm-up: imports and libjpeg's first call are not decode work
+    t, c = time.perf_counter(), time.process_time()
     n = 0
-    for _ in range(reps):
+    while time.perf_counter() - t < min_s:
         for i in range(0, len(jpgs), 256):
-            imgs, _ = decode_images(jpgs[i : i + 256], size)
-            flip = rng.random(len(imgs)) < 0.5
-            imgs[flip] = imgs[flip, :, ::-1]
-            n += len(imgs)
-    return n, time.perf_counter() - t
+            chunk = jpgs[i : i + 256]
+            decode_into(chunk, out[: len(chunk)], rng.random(len(chunk)) < 0.5)
+            n += len(chunk)
+    return n, time.process_time() - c
 
 
-def decode_limit(jpgs: list[bytes], size: int, cores: int, reps: int) -> float:
-    """Images/s of decode + flip over in-memory JPEGs, one process per core."""
+def decode_limit(jpgs: list[bytes], size: int, cores: int, min_s: float = 2.0) -> float:
+    """Images/s of decode + flip over in-memory JPEGs, one process per core (from CPU time:
+    cores / CPU seconds per image, so other jobs on the machine do not lower it)."""
     chunks = [jpgs[i::cores] for i in range(cores)]
     with mp.get_context("spawn").Pool(cores) as pool:
-        out = pool.map(_decode_loop, [(c, size, reps) for c in chunks])
-    return sum(n for n, _ in out) / max(dt for _, dt in out)
+        out = pool.map(_decode_loop, [(c, size, min_s) for c in chunks])
+    return cores * sum(n for n, _ in out) / sum(dt for _, dt in out)
 
 
 def tar_rate(paths: list[str]) -> float:
-    """Samples/s of plain tarfile iteration (read every member's bytes) on one core."""
-    t = time.perf_counter()
+    """Samples/s of plain tarfile iteration (read every member's bytes) on one core (CPU time)."""
+    t = time.process_time()
     n = 0
     for p in paths:
         with tarfile.open(p) as tf:
@@ -67,59 +75,193 @@ def tar_rate(paths: list[str]) -> float:
                 if m.isfile():
                     tf.extractfile(m).read()
                     n += 1
-    return n / 2 / (time.perf_counter() - t)  # 2 members (.jpg, .cls) per sample
+    return n / 2 / (time.process_time() - t)  # 2 members (.jpg, .cls) per sample
 
 
-def ray_read_rate(paths: list[str]) -> float:
-    """Samples/s of one Ray Data read task (no decode), consumed by the driver."""
-    import ray.data
+def reader_rate(paths: list[str]) -> float:
+    """Samples/s of our reader (parse, check, chunk rows) on one core (CPU time)."""
+    from pipeline.data.reader import ShardSpec, read_shard
 
-    ds = ray.data.read_webdataset(paths, decoder=None, suffixes=["jpg", "cls"], concurrency=1)
-    t = time.perf_counter()
-    n = sum(len(b["cls"]) for b in ds.iter_batches(batch_size=1024, batch_format="numpy"))
-    return n / (time.perf_counter() - t)
-
-
-def _cluster_cpu_s() -> float:
-    """User+system CPU seconds of this process and every Ray process on the machine."""
-    import psutil
-
-    total = 0.0
-    for p in psutil.process_iter(["cmdline", "cpu_times"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if p.pid == os.getpid() or "ray" in cmd:
-            t = p.info["cpu_times"]
-            if t is not None:
-                total += t.user + t.system + getattr(t, "children_user", 0) + getattr(t, "children_system", 0)
-    return total
+    spec = ShardSpec(None, (), 2)
+    t = time.process_time()
+    n = sum(len(b["sample_id"]) - 1 for i, p in enumerate(paths) for b in read_shard(p, i, 0, spec))
+    return n / (time.process_time() - t)
 
 
-def stream_rate(train_dir: str, size: int, epochs: int = 4) -> dict:
+def _kind(cmdline: list[str], pid: int) -> str:
+    """A process's role: the driver, a Ray daemon, or a Ray worker (by the task it runs)."""
+    if pid == os.getpid():
+        return "driver (consumer + Ray Data executor)"
+    cmd = " ".join(cmdline)
+    if "py-spy" in cmd:
+        return "py-spy (the profiler; not counted)"
+    for daemon in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env"):
+        if daemon in cmd:
+            return daemon
+    if cmd.startswith("ray::"):
+        name = cmd.split()[0]
+        for stage in ("DecodeBatches", "ComposeBatches", "read_shards", "StatsActor", "AutoscalingCoordinator"):
+            if stage in name:
+                return f"ray::{stage}"
+        return "ray::other workers"
+    return cmd.split()[0].rsplit("/", 1)[-1] if cmd else "(no command line)"
+
+
+class CpuMeter:
+    """CPU seconds of this process and every process it started (our Ray session), by kind.
+
+    Polled every ``interval`` s from a thread, so the CPU of a worker that exits before the
+    end (an actor pool scaled down) is still counted up to its last poll.
+    """
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import psutil
+
+        self.psutil, self.interval = psutil, interval
+        self.base: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self.kinds: dict[int, str] = {}
+        """pid -> process kind of every process seen."""
+        self.own_s = 0.0
+        """CPU seconds of the polling itself (taken off the driver's)."""
+        self._stop = threading.Event()
+        self._poll(into=self.base)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self, into: dict | None = None) -> None:
+        me = self.psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    cpu = t.user + t.system
+                    kind = _kind(p.cmdline() or [p.name()], p.pid)
+            except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, self.psutil.ZombieProcess):
+                continue
+            self.kinds[p.pid] = kind
+            if into is not None:
+                into[p.pid] = cpu
+            else:
+                self.last[p.pid] = (kind, cpu)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            t = time.thread_time()
+            self._poll()
+            self.own_s += time.thread_time() - t
+
+    def start(self) -> "CpuMeter":
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per process kind since the meter was made."""
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+        out: dict[str, float] = collections.defaultdict(float)
+        for pid, (kind, cpu) in self.last.items():
+            if not kind.startswith("py-spy"):
+                out[kind] += cpu - self.base.get(pid, 0.0) - (self.own_s if pid == os.getpid() else 0.0)
+        return dict(out)
+
+
+def _spy_start(out: str):
+    """py-spy sampling this process and all its descendants (raw collapsed stacks, on-CPU
+    samples only), or None without py-spy."""
+    exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(exe):
+        print(f"[bench_data] no py-spy at {exe} (pip install py-spy): no profile", flush=True)
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(os.getpid()), "--subprocesses", "--nonblocking",
+                             "--rate", "100", "--format", "raw", "-o", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _frame_owner(py: list[str]) -> str:
+    """Who a sample's time belongs to: the deepest frame in our package, else the leaf's library."""
+    for f in reversed(py):
+        if "pipeline/" in f:
+            return f.split(" (")[0]
+    if not py:
+        return "(native, no Python frame)"
+    leaf = py[-1]
+    for lib in ("ray/data", "ray/_private", "ray/", "pyarrow", "numpy", "torch", "threading", "concurrent"):
+        if lib in leaf:
+            return f"<{lib.rstrip('/')}> " + leaf.split(" (")[0]
+    return leaf.split(" (")[0]
+
+
+def _spy_stop(proc, out: str, kinds: dict[int, str] | None = None) -> dict:
+    """Stop py-spy and summarise per process kind: on-CPU samples, and their split by owner
+    (the deepest ``pipeline/`` function on the stack, else the leaf function and its library).
+    ``kinds`` maps pids to process kinds (``CpuMeter.kinds``: py-spy keeps the command line a
+    Ray worker had before it renamed itself)."""
+    import signal
+
+    if proc is None:
+        return {}
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if not os.path.exists(out):
+        return {}
+    per: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    with open(out) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not count.isdigit():
+                continue
+            frames = stack.split(";")
+            procs = [x for x in frames if x.startswith("process ")]
+            py = [x for x in frames if not x.startswith("process ")]
+            head = procs[-1] if procs else "?"
+            # 'process <pid>:"<command line>"'
+            pid = int(head[len("process "):].split(":", 1)[0]) if procs else -1
+            cmd = head.split(":", 1)[1].strip('"') if procs else ""
+            kind = (kinds or {}).get(pid) or _kind(cmd.split(), pid)
+            per[kind][_frame_owner(py)] += int(count)
+    return {k: {"samples": sum(c.values()), "top": c.most_common(12)}
+            for k, c in sorted(per.items(), key=lambda kv: -sum(kv[1].values()))}
+
+
+def stream_rate(train_dir: str, size: int, epochs: int = 4, classes_per_batch: int = 16,
+                profile: str | None = None) -> dict:
     """Images/s the full stream can sustain on this machine's cores, from its CPU cost.
 
     Ray Data decodes ahead into the object store while workers start, so a wall-clock rate
     after the first batch counts buffered work as free (and a differential of two runs is
-    dominated by start-up noise). The CPU seconds that every Ray process and this driver
-    spend per delivered image are not fooled by buffering: sustainable images/s =
-    cores / CPU-seconds-per-image. This charges Ray's own daemons (GCS, raylet, dashboard)
-    to the stream, an upper bound on its cost. The wall-clock rate is reported beside it.
+    dominated by start-up noise). The CPU seconds that this driver and every process of our
+    Ray session spend per delivered image are not fooled by buffering: sustainable images/s
+    = cores / CPU-seconds-per-image. This charges Ray's own daemons (GCS, raylet) to the
+    stream, an upper bound on its cost; other jobs on the machine are not counted. The
+    wall-clock rate is reported beside it.
     """
     from pipeline.config import load_config
     from pipeline.data.stream import build_train_dataset
 
     cfg = load_config(None, [f"data.train={train_dir}", f"data.image_size={size}", "scaling.num_workers=1",
-                             "batch.classes_per_batch=16", "miner.pool_classes=32", f"data.epochs={epochs}"])
-    cpu0, t0 = _cluster_cpu_s(), time.perf_counter()
+                             f"batch.classes_per_batch={classes_per_batch}", f"miner.pool_classes={2 * classes_per_batch}",
+                             f"data.epochs={epochs}"])
+    spy = _spy_start(profile) if profile else None
+    meter = CpuMeter().start()
+    t0 = time.perf_counter()
     t_first, n = None, 0
     for b in build_train_dataset(cfg).iter_batches(batch_size=1, batch_format="numpy"):
         t_first = t_first or time.perf_counter()
         n += b["images"].shape[1]
     wall = time.perf_counter() - t0
     time.sleep(1.0)  # let actors finish their last accounting
-    cpu = _cluster_cpu_s() - cpu0
+    split = meter.stop()
+    prof = _spy_stop(spy, profile, meter.kinds) if profile else {}
+    cpu = sum(split.values())
     cores = os.cpu_count() or 1
     return {"images_per_s": cores * n / cpu, "cpu_ms_per_image": 1e3 * cpu / n, "wall_images_per_s": n / wall,
-            "startup_s": t_first - t0, "images": n}
+            "startup_s": t_first - t0, "images": n,
+            "cpu_ms_per_image_by_process": {k: 1e3 * v / n for k, v in sorted(split.items(), key=lambda kv: -kv[1])},
+            "profile": prof}
 
 
 def main() -> int:
@@ -127,6 +269,9 @@ def main() -> int:
     p.add_argument("--sizes", nargs="+", type=int, default=[112, 224])
     p.add_argument("--classes", type=int, default=200)
     p.add_argument("--per-class", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--classes-per-batch", type=int, default=16, help="N of the composed batches (1 rank)")
+    p.add_argument("--profile", default="", help="directory for py-spy profiles of the stream (one per size)")
     args = p.parse_args()
     import ray
     import ray.data
@@ -138,6 +283,8 @@ def main() -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.init(num_cpus=max(8, 4 * cores), include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="WARNING")
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
     results = {}
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as work:
@@ -145,19 +292,30 @@ def main() -> int:
             write_shards(classes, work, holdout_fraction=0.0, shard_size=500, progress=False)
             jpgs = [b for c in classes for b in c.images]
             paths, _ = list_shards(f"{work}/train")
-            limit = decode_limit(jpgs, size, cores, reps=max(1, 4000 // len(jpgs)))
-            stream = stream_rate(f"{work}/train", size)
+            load0 = os.getloadavg()[0]
+            limit = decode_limit(jpgs, size, cores)
+            stream = stream_rate(f"{work}/train", size, args.epochs, args.classes_per_batch)
+            if args.profile:  # a second run: py-spy's sampling slows what it samples
+                stream["profile"] = stream_rate(f"{work}/train", size, args.epochs, args.classes_per_batch,
+                                                os.path.join(args.profile, f"stream_{size}.txt"))["profile"]
             tar = tar_rate(paths)
-            read = ray_read_rate(paths)
-        r = {"limit_images_per_s": limit, "limit_cpu_ms_per_image": 1e3 * cores / limit, **{f"stream_{k}": v for k, v in stream.items()},
+            read = reader_rate(paths)
+        r = {"limit_images_per_s": limit, "limit_cpu_ms_per_image": 1e3 * cores / limit,
+             **{f"stream_{k}": v for k, v in stream.items()},
              "ratio_stream_to_limit": stream["images_per_s"] / limit,
-             "read_s_per_sample": 1 / read, "tarfile_s_per_sample": 1 / tar, "ratio_read_to_tarfile": tar / read}
+             "reader_ms_per_sample": 1e3 / read, "tarfile_ms_per_sample": 1e3 / tar,
+             "load_avg_1m_before": load0, "load_avg_1m_after": os.getloadavg()[0]}
         results[size] = r
-        print(f"{size}x{size}: stream {stream['images_per_s']:.0f} img/s ({stream['cpu_ms_per_image']:.2f} CPU-ms/image; "
+        print(f"{size}x{size}: stream {stream['images_per_s']:.0f} img/s ({stream['cpu_ms_per_image']:.3f} CPU-ms/image; "
               f"wall {stream['wall_images_per_s']:.0f} img/s incl. start-up {stream['startup_s']:.1f}s) vs limit "
-              f"{limit:.0f} img/s on {cores} cores (ratio {r['ratio_stream_to_limit']:.2f}); read stage "
-              f"{1e3 / read:.3f} ms/sample vs tarfile {1e3 / tar:.3f} ms/sample (x{r['ratio_read_to_tarfile']:.1f})",
-              flush=True)
+              f"{limit:.0f} img/s ({r['limit_cpu_ms_per_image']:.3f} CPU-ms/image) on {cores} cores "
+              f"(ratio {r['ratio_stream_to_limit']:.2f}); reader {1e3 / read:.4f} ms/sample vs tarfile "
+              f"{1e3 / tar:.4f} ms/sample; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
+        for kind, ms in stream["cpu_ms_per_image_by_process"].items():
+            print(f"    {ms:7.4f} CPU-ms/image  {kind}", flush=True)
+        for kind, prof in stream["profile"].items():
+            print(f"    py-spy {kind}: {prof['samples']} on-CPU samples: "
+                  + ", ".join(f"{f} {100 * c / prof['samples']:.0f}%" for f, c in prof["top"][:6]), flush=True)
     ray.shutdown()
     print(json.dumps({"bench": "data", "cores": cores, "load_avg_1m": os.getloadavg()[0],
                       "results": {str(k): v for k, v in results.items()}}))

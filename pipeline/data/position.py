@@ -22,16 +22,15 @@ class DataPosition:
     def set(self, ids) -> int:
         """Replace the consumed ids; returns how many distinct ids are held.
 
-        Raises ValueError for ids that are not integers or are negative (-1 marks a replaced
-        image in a row's ``sample_ids`` and is never a sample)."""
+        Negative ids are left out: -1 marks an image in a row's ``sample_ids`` that did not
+        decode and was replaced by a copy of another (never a sample), so a row's ids can be
+        passed as they are. Raises ValueError for ids that are not integers."""
         arr = np.asarray(ids)
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"DataPosition.set: sample ids must be integers, got dtype {arr.dtype}")
         arr = np.unique(arr.astype(np.int64).ravel())
-        if arr.size and arr[0] < 0:
-            raise ValueError(f"DataPosition.set: negative sample id {int(arr[0])} (not a sample)")
-        self.ids = arr
-        return int(arr.size)
+        self.ids = arr[arr >= 0]
+        return int(self.ids.size)
 
     def get(self) -> np.ndarray:
         """The consumed ids, sorted and unique."""

@@ -89,3 +89,4 @@ def test_read_shard_truncated_and_empty(tmp_path):
     for raw in (b"", _tar([])):
         r = _rows(raw, tmp_path)
         assert [int(b) for b in r["bad"]] == [REASONS.index("empty_shard"), END_OF_SHARD]
+
