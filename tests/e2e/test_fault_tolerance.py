@@ -162,8 +162,13 @@ def test_no_sample_twice_and_every_step_once(scenario):
     # The redone steps: what each earlier attempt trained after the checkpoint the next resumed from.
     redone = sum(prev["steps"][1] - cur["resumed_from"] for prev, cur in ((first, restart), (restart, rerun)))
     assert len(out["discarded"]) == 2 * redone
+    kept = {i for r in out["kept"] for i in r["sample_ids"]}
+    dropped = {i for r in out["discarded"] for i in r["sample_ids"]}
+    # A redone step's samples were not in the checkpoint's position: they went back to the
+    # stream, and those the stream reached again before STEPS were trained again.
     print(f"\n[ledger] attempts {attempts}; kept {len(out['kept'])} lines / {out['samples']} samples, "
-          f"{out['unique']} unique; discarded {len(out['discarded'])} lines ({redone} steps x 2 ranks) redone")
+          f"{out['unique']} unique; discarded {len(out['discarded'])} lines ({redone} steps x 2 ranks) redone; "
+          f"{len(dropped)} samples of discarded steps, {len(dropped & kept)} of them trained again later")
 
 
 def test_final_checkpoint_holds_exactly_the_trained_samples(scenario):
