@@ -85,9 +85,11 @@ def _registered_step(work: Path) -> int:
     return int(meta["step"]) if meta and meta["registered"] else 0
 
 
-def _wait_for(pred, proc: subprocess.Popen, what: str, timeout_s: float = 300.0):
+def _wait_for(pred, proc: subprocess.Popen, what: str, log: Path, timeout_s: float = 300.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if "carry no sample_ids" in log.read_text(errors="replace"):
+            pytest.fail("the training stream's rows carry no sample_ids column: no ledger to check (pipeline/data)")
         got = pred()
         if got:
             return got
@@ -110,7 +112,7 @@ def scenario(tiny_shards, tmp_path_factory):
             return (ckpt, past[0]) if ckpt and past else None
 
         first_ckpt, (pid1, killed_at) = _wait_for(rank1_past_a_registered_checkpoint, job,
-                                                  "rank 1 to pass a registered checkpoint")
+                                                  "rank 1 to pass a registered checkpoint", work / "job1.log")
         os.kill(pid1, signal.SIGKILL)
 
         # 2. SIGTERM the whole job once the restarted group is past a registered checkpoint of its own.
@@ -120,7 +122,7 @@ def scenario(tiny_shards, tmp_path_factory):
             return (ckpt, new) if new and ckpt > killed_at and min(new.values()) >= ckpt + 3 else None
 
         second_ckpt, _ = _wait_for(restarted_group_past_a_checkpoint, job,
-                                   "the restarted worker group to pass a registered checkpoint")
+                                   "the restarted worker group to pass a registered checkpoint", work / "job1.log")
         job.send_signal(signal.SIGTERM)
         job.wait(timeout=180)
     finally:
