@@ -1,6 +1,6 @@
 """Data stream throughput against the local decode limit, at 112x112 and 224x224.
 
-    python bench/bench_data.py [--sizes 112 224] [--classes 200] [--per-class 20] [--profile DIR]
+    python bench/bench_data.py [--sizes 112 224] [--classes 200] [--per-class 20] [--epochs 2] [--profile DIR]
 
 For each image size, on synthetic class-grouped shards:
   * limit: decode + flip (the stream's own ``decode_into``) in a tight loop over in-memory
@@ -9,7 +9,10 @@ For each image size, on synthetic class-grouped shards:
   * stream: images/s of the full Ray Data stream (read + compose + decode + flip) delivered
     to a consumer that does nothing, as the cores divided by the CPU seconds that this
     driver and every process it started (our Ray session only: GCS, raylet, workers) spend
-    per delivered image (see ``stream_rate``); the CPU split per process kind is printed;
+    per delivered image (see ``stream_rate``): "marginal" = the extra CPU per extra image
+    between a run of E passes and one of 3E (start-up cancels; ``marginal_rate``), the
+    headline figure; "whole run" = the 3E-pass run with its start-up. The CPU split per
+    process kind is printed;
   * read stage alone: our tar reader (``pipeline.data.reader.read_shard``) vs plain
     ``tarfile`` iteration, in this process, CPU seconds per sample.
 With ``--profile DIR`` it also runs the stream a second time sampled by py-spy (``py-spy record
@@ -154,6 +157,23 @@ class CpuMeter:
         self._thread.start()
         return self
 
+    def snapshot(self) -> dict[int, tuple[str, float]]:
+        """CPU seconds per pid right now (a synchronous poll)."""
+        t = time.thread_time()
+        self._poll()
+        self.own_s += time.thread_time() - t
+        return {pid: v for pid, v in self.last.items()}
+
+    @staticmethod
+    def between(a: dict, b: dict) -> dict[str, float]:
+        """CPU seconds per process kind from snapshot ``a`` to snapshot ``b`` (the meter's own polls
+        are left in: a few ms per poll, charged to the driver)."""
+        out: dict[str, float] = collections.defaultdict(float)
+        for pid, (kind, cpu) in b.items():
+            if not kind.startswith("py-spy"):
+                out[kind] += cpu - a.get(pid, (kind, 0.0))[1]
+        return dict(out)
+
     def stop(self) -> dict[str, float]:
         """CPU seconds per process kind since the meter was made."""
         self._stop.set()
@@ -228,7 +248,7 @@ def _spy_stop(proc, out: str, kinds: dict[int, str] | None = None) -> dict:
 
 
 def stream_rate(train_dir: str, size: int, epochs: int = 4, classes_per_batch: int = 16,
-                profile: str | None = None) -> dict:
+                profile: str | None = None, expected_images: int | None = None) -> dict:
     """Images/s the full stream can sustain on this machine's cores, from its CPU cost.
 
     Ray Data decodes ahead into the object store while workers start, so a wall-clock rate
@@ -238,6 +258,12 @@ def stream_rate(train_dir: str, size: int, epochs: int = 4, classes_per_batch: i
     = cores / CPU-seconds-per-image. This charges Ray's own daemons (GCS, raylet) to the
     stream, an upper bound on its cost; other jobs on the machine are not counted. The
     wall-clock rate is reported beside it.
+
+    Over the whole run, start-up is included (every Ray worker imports torch and pyarrow:
+    a few CPU-seconds that a long training run amortises); ``marginal_rate`` of two runs
+    removes it. "window": between the moments 20% and 80% of ``expected_images`` had been
+    delivered; biased low, because the composer runs far ahead (JPEG rows are small) and
+    does most of its work before the window; with ``profile`` py-spy samples that window.
     """
     from pipeline.config import load_config
     from pipeline.data.stream import build_train_dataset
@@ -245,23 +271,52 @@ def stream_rate(train_dir: str, size: int, epochs: int = 4, classes_per_batch: i
     cfg = load_config(None, [f"data.train={train_dir}", f"data.image_size={size}", "scaling.num_workers=1",
                              f"batch.classes_per_batch={classes_per_batch}", f"miner.pool_classes={2 * classes_per_batch}",
                              f"data.epochs={epochs}"])
-    spy = _spy_start(profile) if profile else None
     meter = CpuMeter().start()
+    expected = expected_images or 0
+    spy = None
     t0 = time.perf_counter()
-    t_first, n = None, 0
+    t_first, n, marks = None, 0, {}
     for b in build_train_dataset(cfg).iter_batches(batch_size=1, batch_format="numpy"):
         t_first = t_first or time.perf_counter()
         n += b["images"].shape[1]
+        if "a" not in marks and expected and n >= 0.2 * expected:
+            marks["a"] = (n, time.perf_counter(), meter.snapshot())
+            spy = _spy_start(profile) if profile else None  # sample the steady part only
+        if "b" not in marks and expected and n >= 0.8 * expected:
+            marks["b"] = (n, time.perf_counter(), meter.snapshot())
+            prof = _spy_stop(spy, profile, meter.kinds) if spy else {}
     wall = time.perf_counter() - t0
     time.sleep(1.0)  # let actors finish their last accounting
     split = meter.stop()
-    prof = _spy_stop(spy, profile, meter.kinds) if profile else {}
     cpu = sum(split.values())
     cores = os.cpu_count() or 1
-    return {"images_per_s": cores * n / cpu, "cpu_ms_per_image": 1e3 * cpu / n, "wall_images_per_s": n / wall,
-            "startup_s": t_first - t0, "images": n,
-            "cpu_ms_per_image_by_process": {k: 1e3 * v / n for k, v in sorted(split.items(), key=lambda kv: -kv[1])},
-            "profile": prof}
+    out = {"images_per_s": cores * n / cpu, "cpu_ms_per_image": 1e3 * cpu / n, "wall_images_per_s": n / wall,
+           "startup_s": t_first - t0, "images": n, "cpu_s": cpu, "cpu_s_by_process": split,
+           "cpu_ms_per_image_by_process": {k: 1e3 * v / n for k, v in sorted(split.items(), key=lambda kv: -kv[1])},
+           "profile": prof if "b" in marks else {}}
+    if len(marks) == 2:
+        (na, ta, sa), (nb, tb, sb) = marks["a"], marks["b"]
+        mid = CpuMeter.between(sa, sb)
+        mid_cpu = sum(mid.values())
+        out.update({"window_images": nb - na, "window_images_per_s": cores * (nb - na) / mid_cpu,
+                    "window_cpu_ms_per_image": 1e3 * mid_cpu / (nb - na),
+                    "window_wall_images_per_s": (nb - na) / (tb - ta),
+                    "window_cpu_ms_per_image_by_process": {
+                        k: 1e3 * v / (nb - na) for k, v in sorted(mid.items(), key=lambda kv: -kv[1])}})
+    return out
+
+
+def marginal_rate(short: dict, long: dict) -> dict:
+    """Steady-state cost from two complete runs of different length (same shards): the extra CPU
+    per extra image. Start-up (imports in every worker, actor creation) cancels, and unlike a
+    time window inside one run, no stage's read-ahead can fall outside the measurement."""
+    cores = os.cpu_count() or 1
+    dn = long["images"] - short["images"]
+    kinds = set(short["cpu_s_by_process"]) | set(long["cpu_s_by_process"])
+    by = {k: 1e3 * (long["cpu_s_by_process"].get(k, 0.0) - short["cpu_s_by_process"].get(k, 0.0)) / dn for k in kinds}
+    dcpu = long["cpu_s"] - short["cpu_s"]
+    return {"images": dn, "images_per_s": cores * dn / dcpu, "cpu_ms_per_image": 1e3 * dcpu / dn,
+            "cpu_ms_per_image_by_process": dict(sorted(by.items(), key=lambda kv: -kv[1]))}
 
 
 def main() -> int:
@@ -269,7 +324,7 @@ def main() -> int:
     p.add_argument("--sizes", nargs="+", type=int, default=[112, 224])
     p.add_argument("--classes", type=int, default=200)
     p.add_argument("--per-class", type=int, default=20)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=2, help="passes of the short run; the long run makes 3x as many")
     p.add_argument("--classes-per-batch", type=int, default=16, help="N of the composed batches (1 rank)")
     p.add_argument("--profile", default="", help="directory for py-spy profiles of the stream (one per size)")
     args = p.parse_args()
@@ -294,27 +349,41 @@ def main() -> int:
             paths, _ = list_shards(f"{work}/train")
             load0 = os.getloadavg()[0]
             limit = decode_limit(jpgs, size, cores)
-            stream = stream_rate(f"{work}/train", size, args.epochs, args.classes_per_batch)
-            if args.profile:  # a second run: py-spy's sampling slows what it samples
-                stream["profile"] = stream_rate(f"{work}/train", size, args.epochs, args.classes_per_batch,
-                                                os.path.join(args.profile, f"stream_{size}.txt"))["profile"]
+            total = len(jpgs) * args.epochs
+            # Warm-up: Ray Data's session-wide actors (stats, autoscaling coordinator) and the idle
+            # worker pool start with the first dataset; without this the short run pays for them
+            # and the marginal cost comes out too low.
+            stream_rate(f"{work}/train", size, 1, args.classes_per_batch)
+            short = stream_rate(f"{work}/train", size, args.epochs, args.classes_per_batch, expected_images=total)
+            stream = stream_rate(f"{work}/train", size, 3 * args.epochs, args.classes_per_batch,
+                                 expected_images=3 * total)
+            marginal = marginal_rate(short, stream)
+            if args.profile:  # a third run: py-spy's sampling slows what it samples
+                stream["profile"] = stream_rate(f"{work}/train", size, 3 * args.epochs, args.classes_per_batch,
+                                                os.path.join(args.profile, f"stream_{size}.txt"),
+                                                expected_images=3 * total)["profile"]
             tar = tar_rate(paths)
             read = reader_rate(paths)
         r = {"limit_images_per_s": limit, "limit_cpu_ms_per_image": 1e3 * cores / limit,
-             **{f"stream_{k}": v for k, v in stream.items()},
-             "ratio_stream_to_limit": stream["images_per_s"] / limit,
+             **{f"stream_{k}": v for k, v in stream.items() if k != "cpu_s_by_process"},
+             **{f"marginal_{k}": v for k, v in marginal.items()},
+             "ratio_marginal_to_limit": marginal["images_per_s"] / limit,
+             "ratio_whole_run_to_limit": stream["images_per_s"] / limit,
              "reader_ms_per_sample": 1e3 / read, "tarfile_ms_per_sample": 1e3 / tar,
              "load_avg_1m_before": load0, "load_avg_1m_after": os.getloadavg()[0]}
         results[size] = r
-        print(f"{size}x{size}: stream {stream['images_per_s']:.0f} img/s ({stream['cpu_ms_per_image']:.3f} CPU-ms/image; "
-              f"wall {stream['wall_images_per_s']:.0f} img/s incl. start-up {stream['startup_s']:.1f}s) vs limit "
-              f"{limit:.0f} img/s ({r['limit_cpu_ms_per_image']:.3f} CPU-ms/image) on {cores} cores "
-              f"(ratio {r['ratio_stream_to_limit']:.2f}); reader {1e3 / read:.4f} ms/sample vs tarfile "
-              f"{1e3 / tar:.4f} ms/sample; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}", flush=True)
-        for kind, ms in stream["cpu_ms_per_image_by_process"].items():
-            print(f"    {ms:7.4f} CPU-ms/image  {kind}", flush=True)
+        print(f"{size}x{size} on {cores} cores: limit {limit:.0f} img/s ({r['limit_cpu_ms_per_image']:.4f} CPU-ms/image); "
+              f"stream marginal {marginal['images_per_s']:.0f} img/s ({marginal['cpu_ms_per_image']:.4f} CPU-ms/image) "
+              f"-> ratio {r['ratio_marginal_to_limit']:.2f}; whole {3 * args.epochs}-pass run incl. start-up "
+              f"{stream['images_per_s']:.0f} img/s ({stream['cpu_ms_per_image']:.3f}) -> {r['ratio_whole_run_to_limit']:.2f}; "
+              f"wall {stream['wall_images_per_s']:.0f} img/s (start-up {stream['startup_s']:.1f}s); reader "
+              f"{1e3 / read:.4f} ms/sample vs tarfile {1e3 / tar:.4f}; load average {load0:.1f} -> "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+        for kind, ms in marginal["cpu_ms_per_image_by_process"].items():
+            print(f"    {ms:8.4f} CPU-ms/image marginal, {stream['cpu_ms_per_image_by_process'].get(kind, 0):8.4f} "
+                  f"whole run  {kind}", flush=True)
         for kind, prof in stream["profile"].items():
-            print(f"    py-spy {kind}: {prof['samples']} on-CPU samples: "
+            print(f"    py-spy (20%-80% window) {kind}: {prof['samples']} on-CPU samples: "
                   + ", ".join(f"{f} {100 * c / prof['samples']:.0f}%" for f, c in prof["top"][:6]), flush=True)
     ray.shutdown()
     print(json.dumps({"bench": "data", "cores": cores, "load_avg_1m": os.getloadavg()[0],
