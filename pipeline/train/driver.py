@@ -265,14 +265,10 @@ def open_run(cfg: Config, storage_path: str, name: str) -> tuple[str, str, dict 
     return uri, run_id, latest
 
 
-def start_position(run_id: str) -> tuple[object, str] | tuple[None, None]:
-    """Create the data position actor (``position-<run_id>``); returns ``(handle, name)``, or Nones without the stream's support."""
-    try:
-        from pipeline.data.position import get_or_create_position
-    except ImportError:
-        # TODO(issue 7): pipeline/data/position.py (the stream's side) has not landed in this
-        # tree; until it does, a resumed run re-reads its data from the beginning.
-        return None, None
+def start_position(run_id: str):
+    """Create the data position actor of a run (``position-<run_id>``); returns ``(handle, name)``."""
+    from pipeline.data.position import get_or_create_position
+
     name = f"position-{run_id}"
     return get_or_create_position(name), name
 
@@ -352,12 +348,6 @@ def class_models(cfg: Config) -> dict[int, int] | None:
     return out
 
 
-def _train_dataset(build, cfg: Config, miner: dict | None, gate: dict | None, position: str | None):
-    if position is None:
-        return build(cfg, _manifest_images(cfg.data.train), miner=miner, gate=gate)
-    return build(cfg, _manifest_images(cfg.data.train), miner=miner, gate=gate, position=position)
-
-
 def run_training(cfg: Config) -> dict:
     """Train per ``cfg``, evaluate on ``data.eval`` when set, and track it all in MLflow.
 
@@ -390,7 +380,8 @@ def run_training(cfg: Config) -> dict:
         if cfg.miner.enabled:
             miner_actors, loop_miner, ds_miner, gate = start_miner(cfg, uri, run_id)
         position, position_name = start_position(run_id)
-        ds = _train_dataset(build_train_dataset, cfg, ds_miner, gate, position_name)
+        ds = build_train_dataset(cfg, _manifest_images(cfg.data.train), miner=ds_miner, gate=gate,
+                                 position=position_name)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id, "miner": loop_miner,
@@ -411,7 +402,7 @@ def run_training(cfg: Config) -> dict:
         )
         result = trainer.fit()
         train_s = time.time() - t0
-        for actor in miner_actors + ([position] if position is not None else []):
+        for actor in miner_actors + [position]:
             ray.kill(actor)  # an unfinished refresh dies with them; nothing waits on it
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")

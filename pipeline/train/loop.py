@@ -117,13 +117,8 @@ def _start_attempt(rank: int, world: int, consumed: np.ndarray, position: str | 
 def _set_position(name: str, consumed: np.ndarray) -> None:
     import ray
 
-    try:
-        from pipeline.data.position import get_or_create_position
-    except ImportError:
-        # TODO(issue 7): pipeline/data/position.py (the stream's side) has not landed in this
-        # tree; without it the stream restarts from the beginning after a resume.
-        print("[train] pipeline.data.position is missing: the data position is not restored", flush=True)
-        return
+    from pipeline.data.position import get_or_create_position
+
     ray.get(get_or_create_position(name).set.remote(consumed), timeout=60)
 
 
