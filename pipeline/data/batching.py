@@ -31,6 +31,19 @@ class RandomSelector:
         return [int(c) for c in rng.choice(np.asarray(candidates), size=n, replace=False)]
 
 
+def _distinct(n: int, u: list[float]) -> list[int]:
+    """``len(u)`` distinct indices below ``n``, uniformly, from uniforms ``u`` in [0, 1):
+    the j-th draw picks among the ``n - j`` indices not taken yet."""
+    taken: list[int] = []
+    for j, x in enumerate(u):
+        i = int(x * (n - j))
+        for t in sorted(taken):  # map i to the i-th index not taken
+            if i >= t:
+                i += 1
+        taken.append(i)
+    return taken
+
+
 class BatchComposer:
     """Assembles batches of ``classes_per_rank * num_ranks`` distinct classes x ``images_per_class``.
 
@@ -104,11 +117,14 @@ class BatchComposer:
             chosen = self.selector.select(sorted(ready), self.n_global, self.rng)
             if len(chosen) != self.n_global or len(set(chosen)) != self.n_global or not set(chosen) <= set(ready):
                 raise RuntimeError(f"class selector returned {chosen!r}: expected {self.n_global} distinct ready classes")
+            # One draw for the whole batch: Generator.choice(replace=False) per class cost ~15 us,
+            # a quarter of the composer's time per image (py-spy, bench/bench_data.py).
+            u = self.rng.random((self.n_global, self.m)).tolist()
             for r in range(self.ranks):
                 xs, ys = [], []
-                for c in chosen[r * self.k : (r + 1) * self.k]:
+                for j, c in enumerate(chosen[r * self.k : (r + 1) * self.k]):
                     imgs = self.pool[c]
-                    take = sorted(self.rng.choice(len(imgs), size=self.m, replace=False).tolist(), reverse=True)
+                    take = sorted(_distinct(len(imgs), u[r * self.k + j]), reverse=True)
                     xs += [imgs.pop(i) for i in take]
                     ys += [c] * self.m
                 out_x.append(xs)

@@ -187,3 +187,16 @@ def test_constructor_rejects_bad_sizes():
     with pytest.raises(ValueError):
         BatchComposer(2, 2, 4, num_ranks=0)
     assert BatchComposer(4, 2, pool_classes=2, num_ranks=2).pool_target == 8  # the pool holds at least N
+
+
+def test_distinct_draws_are_uniform_subsets():
+    from pipeline.data.batching import _distinct
+
+    rng = np.random.default_rng(0)
+    counts: Counter[tuple[int, int]] = Counter()
+    for _ in range(6000):
+        a, b = _distinct(4, rng.random(2).tolist())
+        assert a != b and 0 <= a < 4 and 0 <= b < 4
+        counts[tuple(sorted((a, b)))] += 1
+    assert len(counts) == 6 and all(abs(v - 1000) < 120 for v in counts.values()), counts
+    assert sorted(_distinct(3, [0.99, 0.99, 0.99])) == [0, 1, 2]
