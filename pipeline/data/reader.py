@@ -3,8 +3,10 @@
 Why not ``ray.data.read_webdataset``: measured here (Ray 2.60, 2 cores) it costs ~0.16-0.24
 ms per sample against ~0.04 ms for ``tarfile`` (it builds a pandas frame per chunk), and
 ``tarfile`` itself spends ~19 us per member parsing headers into ``TarInfo`` objects; this
-reader parses the 512-byte ustar headers itself (~2 us per member, see BENCHMARKS.md) and
-checks each sample on the way, so bad input is found before anything is decoded.
+reader parses the 512-byte ustar headers itself and checks each sample on the way (0.011 ms
+per sample against 0.037 for ``tarfile``, BENCHMARKS.md), so bad input is found before
+anything is decoded. Ray Data fuses these read tasks into the composer actor (one process
+reads and composes); at 0.04 ms per image for both, one actor keeps up with ~25k images/s.
 
 Each Ray read task reads whole shards (any file-like: local files or a pyarrow filesystem
 stream) and yields numpy batches of about ``chunk`` samples, cut at class boundaries, with:
