@@ -180,6 +180,18 @@ def fetch_report(name: str, namespace: str | None = None, timeout_s: float = 30.
     return ray.get(ray.get_actor(name, namespace=namespace).fetch.remote(), timeout=timeout_s)
 
 
+def report_metrics(report: dict) -> dict[str, float]:
+    """Run-level metrics from a :func:`fetch_report` dict, named like the stream's per-step
+    ``data_metrics``: ``data/bad_<reason>``, ``data/bad_total``, ``data/samples_seen``,
+    ``data/bad_fraction``, ``data/resumed_skip``, plus ``data/unused`` (good samples never
+    trained on: pool leftovers). For the driver to log once the fit has ended."""
+    out = {f"data/bad_{r}": float(report["counts"].get(r, 0)) for r in REASONS}
+    out.update({"data/bad_total": float(report["bad_total"]), "data/samples_seen": float(report["samples_seen"]),
+                "data/bad_fraction": float(report["bad_fraction"]), "data/resumed_skip": float(report["resumed_skip"]),
+                "data/unused": float(report["unused"])})
+    return out
+
+
 def write_report(report: dict | str, path: str | os.PathLike, namespace: str | None = None) -> Path:
     """Write a report (a :func:`fetch_report` dict, or the actor's name) as JSON to ``path``; returns the path."""
     if isinstance(report, str):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.report import (MIN_SEEN, REASONS, DataQualityError, DataReport, bad_fraction,
-                                  check_bad_fraction, write_report)
+                                  check_bad_fraction, report_metrics, write_report)
 
 
 def _counts(**kw) -> np.ndarray:
@@ -44,6 +44,9 @@ def test_report_counts_items_and_writes_json(tmp_path):
     assert got["counts"]["unknown_label"] == 1 and got["counts"]["corrupt_image"] == 1 and got["bad_total"] == 2
     assert got["samples_seen"] == 10 and got["resumed_skip"] == 3 and got["unused_ids"] == [5, 6]
     assert got["items"][1] == {"shard": "/a.tar", "key": "k2", "reason": "corrupt_image"}
+    m = report_metrics(got)
+    assert m["data/bad_unknown_label"] == 1 and m["data/bad_total"] == 2 and m["data/unused"] == 2
+    assert m["data/samples_seen"] == 10 and m["data/bad_fraction"] == 0.2 and len(m) == len(REASONS) + 5
     path = write_report(got, tmp_path / "r" / "data_report.json")
     assert json.loads(path.read_text()) == got
     with pytest.raises(ValueError, match="unknown bad-sample reason"):
