@@ -8,6 +8,7 @@ import threading
 import numpy as np
 
 from pipeline.config import load_config
+from pipeline.data.reader import decode_sample_ids
 from pipeline.data.stream import build_train_dataset
 
 
@@ -20,7 +21,8 @@ def test_stream_gives_equal_npair_batches_per_rank(ray_local, tiny_shards):
 
     def consume(i):
         for b in splits[i].iter_batches(batch_size=1, batch_format="numpy"):
-            rows[i].append({"images": b["images"][0], "labels": b["labels"][0]})
+            rows[i].append({"images": b["images"][0], "labels": b["labels"][0], "sample_ids": b["sample_ids"][0],
+                            "bad_counts": b["bad_counts"][0]})
 
     threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
     for t in threads:
@@ -35,6 +37,12 @@ def test_stream_gives_equal_npair_batches_per_rank(ray_local, tiny_shards):
         assert r["images"].shape == (4, 32, 32, 3) and r["images"].dtype == np.uint8
         labels = r["labels"]
         assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
+    # Every sample at most once per pass, and the id names the pass and the shard it came from.
+    ids = np.concatenate([r["sample_ids"] for rr in rows for r in rr])
+    assert len(set(ids.tolist())) == len(ids) and (ids >= 0).all()
+    passes, shard, _ = decode_sample_ids(ids)
+    assert set(passes.tolist()) == {0, 1} and shard.max() < 4
+    assert all(not r["bad_counts"].any() for rr in rows for r in rr)
     seen = {c for rr in rows for r in rr for c in r["labels"].tolist()}
     manifest = json.loads((tiny_shards / "manifest.json").read_text())
     train_ids = {c["id"] for c in manifest["classes"] if c["split"] == "train"}
