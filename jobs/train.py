@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from pipeline.data.report import DataQualityError
     from pipeline.data.shards import ShardError
     from pipeline.train.driver import StorageError, run_training, shutdown_ray
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         out = run_training(cfg)
-    except (ShardError, StorageError) as e:
+    except (ShardError, StorageError, DataQualityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit):

@@ -33,13 +33,13 @@ class DataConfig:
     image_size: int = 64
     """Side of the square images fed to the network (resized at read time when they differ)."""
     decode_concurrency: int = 2
-    """Parallel Ray Data tasks that decode and augment JPEGs."""
+    """Actors that decode and augment the composed batches (JPEG bytes -> pixels), in parallel."""
     augment: bool = True
     """Random horizontal flip during training."""
     epochs: int = 0
     """Passes over the training shards to stream; 0 = as many as ``train.steps`` needs."""
     max_bad_fraction: float = 0.01
-    """Stop with an error when more than this fraction of samples is undecodable."""
+    """Stop with an error naming the files when bad samples (every reason except ``small_class``: undecodable or cut JPEGs, missing labels or images, labels outside the manifest, cut tars, empty shards) exceed this fraction of the samples seen; enforced once 200 samples were seen. Bad samples are always skipped, counted per reason (``data/bad_*`` metrics) and listed in the run's ``data_report.json``."""
 
 
 @dataclass

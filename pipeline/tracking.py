@@ -279,7 +279,7 @@ class MetricBuffer:
         self.sent += n - len(self.rows)
 
 
-def log_artifacts(uri: str, run_id: str, local_dir: str, artifact_path: str, retry_s: float = 0.0) -> None:
+def log_artifacts(uri: str, run_id: str, local_dir: str, artifact_path: str | None, retry_s: float = 0.0) -> None:
     """Upload a directory as artifacts of the run, retrying for up to ``retry_s`` seconds."""
     client = _client(uri)
     call_with_retries(lambda: client.log_artifacts(run_id, local_dir, artifact_path),

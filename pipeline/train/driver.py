@@ -265,6 +265,60 @@ def open_run(cfg: Config, storage_path: str, name: str) -> tuple[str, str, dict 
     return uri, run_id, latest
 
 
+def _raise_data_quality(report_name: str, max_bad_fraction: float, exc: BaseException) -> None:
+    """After a failed fit: when the stream's report shows more bad samples than
+    ``data.max_bad_fraction`` allows, raise that ``DataQualityError`` (naming the reasons and
+    files) from ``exc``. The stream stops the run with it, but it reaches the driver buried,
+    and cut, in Ray Train's worker traceback; the report actor holds the same facts."""
+    from pipeline.data.report import REASONS, check_bad_fraction, fetch_report
+
+    try:
+        rep = fetch_report(report_name)
+    except Exception:  # noqa: BLE001 -- no report: let the original error speak
+        return
+    counts = [rep["counts"].get(r, 0) for r in REASONS]
+    items = [(i["shard"], i["key"], i["reason"]) for i in rep["items"]]
+    try:
+        check_bad_fraction(counts, rep["samples_seen"], max_bad_fraction, items)
+    except Exception as dq:
+        raise dq from exc
+
+
+def start_report(run_id: str):
+    """Create the bad-input report actor of a run (``data-report-<run_id>``); returns ``(handle, name)``."""
+    from pipeline.data.report import create_report
+
+    name = f"data-report-{run_id}"
+    return create_report(name), name
+
+
+def log_data_report(uri: str, run_id: str, report_name: str, step: int, retry_s: float) -> dict | None:
+    """Log the stream's bad-input report to the run: ``data_report.json`` (every skipped file,
+    key and reason, the counts) and the run-level ``data/*`` metrics at ``step``. Called when
+    the fit ends, also when it failed (a ``data.max_bad_fraction`` stop names its files there
+    too). Prints the counts when anything was skipped. Returns the report, or None when the
+    actor could not be read (that is printed, not raised: the run's status matters more)."""
+    import tempfile
+
+    from pipeline import tracking
+    from pipeline.data.report import fetch_report, report_metrics, write_report
+
+    try:
+        rep = fetch_report(report_name)
+        with tempfile.TemporaryDirectory() as d:
+            write_report(rep, os.path.join(d, "data_report.json"))
+            tracking.log_artifacts(uri, run_id, d, None, retry_s=retry_s)
+        tracking.log_metrics(uri, run_id, report_metrics(rep), step=step, retry_s=retry_s)
+    except Exception as e:  # noqa: BLE001 -- a report is a by-product; never mask the run's own outcome
+        print(f"[train] could not log the data report: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return None
+    if rep["bad_total"]:
+        counts = ", ".join(f"{r} {n}" for r, n in rep["counts"].items() if n)
+        print(f"[train] skipped {rep['bad_total']} bad samples of {rep['samples_seen']} ({counts}); "
+              f"details in the run's data_report.json", flush=True)
+    return rep
+
+
 def start_position(run_id: str):
     """Create the data position actor of a run (``position-<run_id>``); returns ``(handle, name)``."""
     from pipeline.data.position import get_or_create_position
@@ -373,15 +427,17 @@ def run_training(cfg: Config) -> dict:
     name = cfg.train.run_name or f"dml-{run_id[:8]}"
     print(f"[train] MLflow run {run_id} in {uri}; checkpoints in {storage}/{name}", flush=True)
     status = "FAILED"
+    report = report_name = None
     try:
         t0 = time.time()
-        # The miner, refresher and position actors live as long as these handles: keep them until fit ends.
+        # The miner, refresher, position and report actors live as long as these handles: keep them until fit ends.
         miner_actors, loop_miner, ds_miner, gate = [], None, None, None
         if cfg.miner.enabled:
             miner_actors, loop_miner, ds_miner, gate = start_miner(cfg, uri, run_id)
         position, position_name = start_position(run_id)
+        report, report_name = start_report(run_id)
         ds = build_train_dataset(cfg, _manifest_images(cfg.data.train), miner=ds_miner, gate=gate,
-                                 position=position_name)
+                                 position=position_name, report=report_name)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id, "miner": loop_miner,
@@ -400,7 +456,11 @@ def run_training(cfg: Config) -> dict:
             ),
             datasets={"train": ds},
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            _raise_data_quality(report_name, cfg.data.max_bad_fraction, e)
+            raise
         train_s = time.time() - t0
         for actor in miner_actors + [position]:
             ray.kill(actor)  # an unfinished refresh dies with them; nothing waits on it
@@ -426,6 +486,9 @@ def run_training(cfg: Config) -> dict:
         status = "KILLED"
         raise
     finally:
+        if report is not None:
+            log_data_report(uri, run_id, report_name, cfg.train.steps, cfg.tracking.retry_s)
+            ray.kill(report)
         tracking.end_run(uri, run_id, status, retry_s=cfg.tracking.retry_s)
         if status != "FINISHED":
             print(f"[train] run {run_id} ended {status}", file=sys.stderr, flush=True)

@@ -144,6 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     from pipeline.config import Config, config_from_dict
+    from pipeline.data.stream import data_metrics
     from pipeline.losses import build_loss
     from pipeline.models import build_model
     from pipeline.tracking import MetricBuffer
@@ -253,6 +254,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     row["mine/refresh_skipped"] = refresher.skipped
                     row["mine/refresh_failed"] = refresher.failed
             row["mine/rank0_overhead_ms"] = 1000.0 * (time.perf_counter() - t_mine)
+            if "bad_counts" in batch and (step % cfg.train.log_every == 0 or step >= cfg.train.steps):
+                row.update(data_metrics(batch))  # cumulative skipped-sample counts per reason
             metrics_out.add(step, row)
         last = step >= cfg.train.steps
         want_ckpt = last or bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
