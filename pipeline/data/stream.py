@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 
 import numpy as np
 
