@@ -5,12 +5,18 @@
     python -m jobs.make_shards --layout vehicleid --src VehicleID_V1.0 --out OUT [--image-size 224]
     python -m jobs.make_shards --layout lfw --src lfw --out OUT [--image-size 112]
     python -m jobs.make_shards --layout synthetic --num-classes 200 --images-per-class 20 --out OUT
+    python -m jobs.make_shards --reindex OUT
 
+imagefolder/synthetic: a random --holdout-fraction of identities held out (default 0.5; the
+  job says how many; --holdout-fraction 0 trains on all of them).
 webface: ROOT/<identity>/<nnn>.jpg, a random --holdout-fraction of identities held out (default 0.02).
 vehicleid: train_list.txt -> OUT/train; the union of the test lists -> OUT/holdout (the lists are
   copied to OUT/); per-sample vehicle model and colour labels (-1 = unknown).
 lfw: every person -> OUT/holdout; pairs.txt (in ROOT or beside it) copied to OUT/pairs.txt.
 --image-size resizes at conversion (default 112 faces, 224 vehicles; 0 keeps the source size).
+Classes fill shards in a random order drawn from --seed. Every run also writes the per-sample
+index (OUT/index-<split>.json + .bin, pipeline.data.index); --reindex OUT adds it to a shard
+set written without one, reading the shards and rewriting nothing else.
 """
 
 from __future__ import annotations
@@ -30,10 +36,13 @@ HOLDOUT = {"synthetic": 0.5, "imagefolder": 0.5, "webface": 0.02, "lfw": None, "
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.make_shards", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layout", choices=list(IMAGE_SIZE), required=True)
+    p.add_argument("--layout", choices=list(IMAGE_SIZE), help="source layout (required unless --reindex)")
+    p.add_argument("--reindex", metavar="OUT",
+                   help="write the per-sample index of the existing shard set OUT (no re-encoding) and stop")
     p.add_argument("--src", help="source tree (imagefolder/webface/lfw: ROOT/<identity>/<image>.jpg; vehicleid: ROOT "
                                  "with image/, train_test_split/, attribute/)")
-    p.add_argument("--out", required=True, help="output directory (train/, holdout/, exemplars/, manifest.json)")
+    p.add_argument("--out", help="output directory (train/, holdout/, exemplars/, manifest.json, index-*); "
+                                 "required unless --reindex")
     p.add_argument("--holdout-fraction", type=float, default=None,
                    help="fraction of classes held out for evaluation (default 0.5; webface 0.02; "
                         "fixed by vehicleid and lfw)")
@@ -47,11 +56,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default webface/lfw 112, vehicleid 224, imagefolder 0 = keep)")
     p.add_argument("--exemplars-per-class", type=int, default=2,
                    help="first images of each train class copied to OUT/exemplars/ for the miner's refresh (0 = none)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.reindex is None and (args.layout is None or args.out is None):
+        p.error("--layout and --out are required (or --reindex OUT for an existing shard set)")
+    return args
+
+
+def reindex(out: str, workers: int | None) -> int:
+    """``--reindex OUT``: write the index of every split, print one line per file and a JSON summary."""
+    from pipeline.data.index import build_index
+    from pipeline.data.shards import ShardError
+
+    try:
+        written = build_index(out, workers=workers)
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for w in written:
+        print(f"[make_shards] wrote {w['header']} (+ .bin): {w['rows']} samples of {w['shards']} shards, "
+              f"{w['bytes']} bytes" + (f", {w['skipped']} samples skipped (listed in it)" if w["skipped"] else ""))
+    print(json.dumps({"reindexed": out, "index": {w["split"]: {k: w[k] for k in ("rows", "shards", "bytes", "skipped")}
+                                                  for w in written}}))
+    return 0
+
+
+def holdout_note(manifest: dict, defaulted: bool) -> str:
+    """The line saying how many identities a random holdout took, and how to change it."""
+    n_hold = manifest["splits"]["holdout"]["classes"]
+    n_all = n_hold + manifest["splits"]["train"]["classes"]
+    frac = manifest["holdout_fraction"]
+    how = "the default" if defaulted else "as asked"
+    return (f"[make_shards] held out {n_hold} of {n_all} identities for evaluation (--holdout-fraction {frac:g}, "
+            f"{how}); --holdout-fraction 0 trains on all of them")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.reindex is not None:
+        return reindex(args.reindex, args.workers or None)
     from pipeline.data.layouts import LayoutError, Scan, scan_imagefolder, scan_lfw, scan_vehicleid, scan_webface, \
         synthetic_classes
     from pipeline.data.shards import write_shards
@@ -83,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(src, Path(args.out) / name)
     for q in manifest["problems"][len(scan.problems):]:
         print(f"[make_shards] warning: {q}", file=sys.stderr)
+    if scan.holdout is None and HOLDOUT[args.layout] is not None:  # a random fraction, not a fixed list
+        print(holdout_note(manifest, args.holdout_fraction is None), file=sys.stderr)
+    indexed = [f"{s} {manifest['splits'][s]['images']}" for s in ("train", "holdout", "exemplars")
+               if (Path(args.out) / f"index-{s}.json").is_file()]
+    print(f"[make_shards] per-sample index (samples): {', '.join(indexed)} in {args.out}/index-<split>.json + .bin")
     summary = {"out": args.out, "splits": manifest["splits"], "problems": len(manifest["problems"])}
     if scan.copy_files:
         summary["copied"] = sorted(scan.copy_files)

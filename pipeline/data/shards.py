@@ -2,14 +2,21 @@
 
 ``write_shards`` turns identities (from a layout) into tar shards where all images of a
 class are contiguous and a class never straddles two shards (a class larger than a
-shard gets shards of its own). Each sample is ``<key>.jpg`` + ``<key>.cls`` (the integer
-class id as ASCII), plus ``<key>.<field>`` (an ASCII integer) for each per-image extra label
-the layout gives (``ClassItems.extras``; VehicleID: ``model``, ``color``); the manifest lists
-them in ``extra_fields`` (and, per class, ``classes[i].extras``: the value its images share,
-or null). Readers that ask only for ``jpg`` and ``cls`` never see them.
+shard gets consecutive shards of its own). Classes fill the train and holdout shards in a
+seeded random order (by ``seed``; not name order), so neighbouring shards hold unrelated
+classes (exemplar shards keep id order); class ids stay the index of the class in name
+order, and each shard's manifest entry lists its classes in tar order (``class_order``).
+Each sample is ``<key>.jpg`` + ``<key>.cls`` (the integer class id as ASCII), plus
+``<key>.<field>`` (an ASCII integer) for each per-image extra label the layout gives
+(``ClassItems.extras``; VehicleID: ``model``, ``color``); the manifest lists them in
+``extra_fields`` (and, per class, ``classes[i].extras``: the value its images share, or null).
+Readers that ask only for ``jpg`` and ``cls`` never see them.
 ``OUT/manifest.json`` records class id <-> name, image counts, the shards holding each
 class and every shard's SHA-256, which also makes conversion resumable: a rerun keeps
-shards whose checksum matches and rewrites the rest.
+shards whose checksum matches and rewrites the rest. Beside it, ``OUT/index-<split>.json``
+and ``.bin`` index every sample (shard, byte offset and size of its ``.jpg``, label, extra
+fields) for positional reads: ``pipeline.data.index``, which also builds it for a shard set
+written before it existed (``python -m jobs.make_shards --reindex OUT``).
 
 With ``exemplars=k`` it also writes ``OUT/exemplars/``: the first k images of every
 TRAIN class, class-grouped in the same sample format, which the hard negative class
@@ -38,7 +45,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import glob as globlib
-import hashlib
 import io
 import json
 import os
@@ -86,14 +92,6 @@ def _encode(src: Path | bytes, size: int = 0) -> bytes:
         return buf.getvalue()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -101,8 +99,15 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_one(out: str, plan: _Planned, image_size: int = 0) -> dict:
-    """Write one shard atomically (tmp file + rename). Returns its manifest entry and problems."""
+def _write_one(out: str, plan: _Planned, image_size: int = 0, fields: list[str] = (),
+               num_classes: int | None = None):
+    """Write one shard atomically (tmp file + rename), then scan it for the per-sample index.
+
+    Returns ``(manifest entry with its problems, pipeline.data.index.ShardScan)``; the scan's
+    checksum is the entry's (one read of the written file for both).
+    """
+    from pipeline.data.index import scan_shard  # here: index.py imports this module (ShardError)
+
     final = Path(out) / plan.path
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_suffix(".tar.tmp")
@@ -131,15 +136,17 @@ def _write_one(out: str, plan: _Planned, image_size: int = 0) -> dict:
                     _add(tar, f"{skey}.{fname}", str(int(values[i])).encode())
                 counts[cid] = counts.get(cid, 0) + 1
     os.replace(tmp, final)
+    scan = scan_shard(final, list(fields), num_classes)
     return {
         "path": plan.path,
         "split": plan.split,
         "classes": sorted(counts),
+        "class_order": [cid for cid, _ in plan.members if cid in counts],
         "counts": {str(k): v for k, v in sorted(counts.items())},
         "count": sum(counts.values()),
-        "sha256": _sha256(final),
+        "sha256": scan.sha256,
         "problems": problems,
-    }
+    }, scan
 
 
 def _check_extras(classes: list[ClassItems]) -> list[str]:
@@ -216,12 +223,15 @@ def write_shards(
     A random ``holdout_fraction`` of the classes (by ``seed``) goes to ``holdout``, or, when
     ``holdout_classes`` is given, exactly the classes with those names (all of them is
     allowed: an evaluation-only set such as LFW); class ids are the index of the class in
-    name order. Per-image ``extras`` of the classes are written as ``<key>.<field>``; every
-    class must carry the same fields. ``image_size`` > 0 resizes images to that square side.
+    name order, while the order in which classes fill each split's shards is a permutation
+    drawn from ``seed`` (reproducible, independent of the holdout draw). Per-image
+    ``extras`` of the classes are written as ``<key>.<field>``; every class must carry the
+    same fields. ``image_size`` > 0 resizes images to that square side.
     Unreadable and missing images are skipped and listed in the manifest's ``problems``
     (after the ``problems`` of the layout scan). Shards already on disk with the checksum
     recorded in an existing manifest (written with the same ``image_size`` and extra
-    fields) are kept (resume).
+    fields, and classes in the same order) are kept (resume). The per-sample index of each
+    split (``pipeline.data.index``) is written after the manifest.
     Returns the manifest (also written to ``OUT/manifest.json``). Raises ValueError for an
     argument out of range, a holdout class name that is not a class, or extras that differ
     between classes or do not match the number of images.
@@ -248,10 +258,18 @@ def write_shards(
     splits = {"train": [], "holdout": []}
     for cid, items in enumerate(classes):
         splits["holdout" if cid in hold_ids else "train"].append((cid, items))
+    # Shards hold classes in a seeded random order, not name order, so that the classes read
+    # together (a shard, neighbouring shards) are a random set. Its own generator: the
+    # holdout draw above stays what it was for a seed.
+    order_rng = np.random.default_rng([seed, 1])
+    for split, members in splits.items():
+        splits[split] = [members[i] for i in order_rng.permutation(len(members))]
     if exemplars < 0:
         raise ValueError(f"--exemplars-per-class must be >= 0, got {exemplars}")
     plans = [p for split, members in splits.items() for p in _plan(split, members, shard_size)]
-    ex_members = [(cid, it.subset(slice(0, exemplars))) for cid, it in splits["train"]] if exemplars else []
+    # Exemplars stay in id order: the miner embeds them all at each refresh, nothing samples them.
+    by_id = sorted(splits["train"], key=lambda member: member[0])
+    ex_members = [(cid, it.subset(slice(0, exemplars))) for cid, it in by_id] if exemplars else []
     ex_plans = _plan("exemplars", ex_members, shard_size)
 
     old = {}
@@ -265,12 +283,22 @@ def write_shards(
                 old = {}  # same classes, different bytes: nothing on disk can be kept
         except (ValueError, KeyError, TypeError):
             old = {}
-    entries, todo = {}, []
+    # Imported here: index.py imports this module (ShardError, MANIFEST).
+    from pipeline.data.index import remove_index, scan_shard, write_index
+
+    entries, scans, todo = {}, {}, []
     for p in plans + ex_plans:
         prev = old.get(p.path)
         f = out / p.path
-        if prev and f.exists() and prev["classes"] == sorted({c for c, _ in p.members}) and _sha256(f) == prev["sha256"]:
-            entries[p.path] = prev
+        scan = None
+        if (prev and f.exists() and prev["classes"] == sorted({c for c, _ in p.members})
+                and prev.get("class_order") == [c for c, _ in p.members]):
+            try:
+                scan = scan_shard(f, extra_fields, len(classes))
+            except ShardError:
+                scan = None  # unreadable: rewritten below
+        if scan is not None and scan.sha256 == prev["sha256"]:
+            entries[p.path], scans[p.path] = prev, scan
         else:
             todo.append(p)
     t0 = time.time()
@@ -279,10 +307,10 @@ def write_shards(
         print(f"[make_shards] {len(plans) + len(ex_plans)} shards ({len(plans) + len(ex_plans) - len(todo)} already done), "
               f"{sum(len(c.images) for c in classes)} images, {workers} workers", flush=True)
     with cf.ProcessPoolExecutor(max_workers=workers) as pool:
-        futs = {pool.submit(_write_one, str(out), p, image_size): p for p in todo}
+        futs = {pool.submit(_write_one, str(out), p, image_size, extra_fields, len(classes)): p for p in todo}
         for i, fut in enumerate(cf.as_completed(futs), 1):
-            e = fut.result()
-            entries[e["path"]] = e
+            e, scan = fut.result()
+            entries[e["path"]], scans[e["path"]] = e, scan
             if progress:
                 print(f"[make_shards] {i}/{len(todo)} {e['path']}: {e['count']} images "
                       f"({time.time() - t0:.1f}s)", flush=True)
@@ -337,6 +365,12 @@ def write_shards(
         "problems": all_problems,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for split in ("train", "holdout"):
+        write_index(out, split, [e for e in shard_list if e["split"] == split], scans, extra_fields)
+    if ex_list:
+        write_index(out, "exemplars", ex_list, scans, extra_fields)
+    else:
+        remove_index(out, "exemplars")
     return manifest
 
 

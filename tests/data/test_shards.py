@@ -345,3 +345,42 @@ def test_find_manifest(synth, tmp_path):
         assert find_manifest(str(spec)) == manifest, spec
     assert find_manifest(str(tmp_path)) is None
     assert find_manifest("s3://bucket/shards") is None
+
+
+def _class_order(out: Path, manifest: dict, split: str) -> list[int]:
+    """Class ids in the order they are read: shard by shard (manifest order), runs in tar order."""
+    labels = [cid for s in manifest["shards"] if s["split"] == split for _, cid, _ in _tar_samples(out / s["path"])]
+    return _runs(labels)
+
+
+def test_classes_fill_shards_in_a_seeded_random_order(tmp_path):
+    classes = synthetic_classes(40, 2, image_size=16, seed=0)
+    orders = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        m = _write(classes, tmp_path / name, holdout_fraction=0.25, shard_size=6, seed=seed)
+        order = _class_order(tmp_path / name, m, "train")
+        assert sorted(order) == sorted(c["id"] for c in m["classes"] if c["split"] == "train")
+        assert order != sorted(order), "classes are not in name (= id) order across shards"
+        assert order == [c for s in m["shards"] if s["split"] == "train" for c in s["class_order"]]
+        held = _class_order(tmp_path / name, m, "holdout")
+        assert held != sorted(held) and len(held) == 10
+        orders[name] = (order, held)
+    assert orders["a"] == orders["b"], "reproducible for a seed"
+    assert orders["a"][0] != orders["c"][0]
+    # Ids are still the name order, and the holdout draw is what it was before shuffling existed.
+    m = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    assert [c["name"] for c in m["classes"]] == [f"c{i:05d}" for i in range(40)]
+    want_hold = set(np.random.default_rng(5).permutation(40)[:10].tolist())
+    assert {c["id"] for c in m["classes"] if c["split"] == "holdout"} == want_hold
+
+
+def test_resume_rewrites_shards_written_in_another_class_order(tmp_path):
+    classes = synthetic_classes(4, 2, image_size=16)
+    m1 = _write(classes, tmp_path, holdout_fraction=0.0, shard_size=100, seed=0)
+    assert len(m1["shards"]) == 1  # one shard holds every class
+    seeds = [s for s in range(1, 20) if np.random.default_rng([s, 1]).permutation(4).tolist()
+             != np.random.default_rng([0, 1]).permutation(4).tolist()]
+    m2 = _write(classes, tmp_path, holdout_fraction=0.0, shard_size=100, seed=seeds[0])
+    assert m2["shards"][0]["classes"] == m1["shards"][0]["classes"]  # same class set in the same path...
+    assert m2["shards"][0]["class_order"] != m1["shards"][0]["class_order"]  # ...in another order: rewritten
+    assert _class_order(tmp_path, m2, "train") == m2["shards"][0]["class_order"]

@@ -25,7 +25,10 @@ def test_synthetic_writes_train_holdout_manifest(tmp_path, capsys):
     assert manifest["splits"]["train"] == {"classes": 3, "images": 9, "shards": 3}
     assert manifest["splits"]["holdout"] == {"classes": 3, "images": 9, "shards": 3}
     assert len(list((out / "train").glob("*.tar"))) == 3 and len(list((out / "holdout").glob("*.tar"))) == 3
-    summary = _last_json(capsys.readouterr().out)
+    stdout = capsys.readouterr().out
+    assert f"[make_shards] per-sample index (samples): train 9, holdout 9, exemplars 6 in {out}/index-<split>.json" \
+        in stdout
+    summary = _last_json(stdout)
     assert summary == {"out": str(out), "splits": manifest["splits"], "problems": 0}
 
 
@@ -78,3 +81,71 @@ def test_imagefolder_warns_and_converts_the_rest(tmp_path, capsys):
     assert [(c["name"], c["count"]) for c in manifest["classes"]] == [("id_a", 2), ("id_b", 2), ("id_c", 2)]
     assert manifest["splits"]["train"]["images"] + manifest["splits"]["holdout"]["images"] == 6
     assert manifest["splits"]["holdout"]["classes"] == 1 and len(manifest["problems"]) == 3
+
+
+def _folder(src, names):
+    for name in names:
+        (src / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(src / name / f"{i}.jpg", format="JPEG")
+
+
+def _holdout_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "held out" in line]
+
+
+def test_imagefolder_says_how_many_identities_the_default_held_out(tmp_path, capsys):
+    src = tmp_path / "src"
+    _folder(src, ["a", "b", "c", "d"])
+    assert main(["--layout", "imagefolder", "--src", str(src), "--out", str(tmp_path / "o"), "--workers", "1"]) == 0
+    captured = capsys.readouterr()
+    assert _holdout_lines(captured.err) == [
+        ("[make_shards] held out 2 of 4 identities for evaluation (--holdout-fraction 0.5, the default); "
+         "--holdout-fraction 0 trains on all of them")]
+    assert _last_json(captured.out)["splits"]["holdout"]["classes"] == 2
+
+
+def test_imagefolder_holdout_zero_is_said_too(tmp_path, capsys):
+    src = tmp_path / "src"
+    _folder(src, ["a", "b", "c"])
+    assert main(["--layout", "imagefolder", "--src", str(src), "--out", str(tmp_path / "o"), "--workers", "1",
+                 "--holdout-fraction", "0"]) == 0
+    assert _holdout_lines(capsys.readouterr().err) == [
+        ("[make_shards] held out 0 of 3 identities for evaluation (--holdout-fraction 0, as asked); "
+         "--holdout-fraction 0 trains on all of them")]
+
+
+def test_reindex_adds_the_index_a_conversion_writes(tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert main(["--layout", "synthetic", "--num-classes", "8", "--images-per-class", "3", "--image-size", "16",
+                 "--shard-size", "5", "--workers", "1", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"] == {"classes": 4, "images": 12, "shards": 4}  # 3 + 3 > 5: a class a shard
+    written = {p.name: p.read_bytes() for p in out.glob("index-*")}
+    assert len(written) == 6  # train, holdout, exemplars: .json + .bin
+    tars = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+    for p in out.glob("index-*"):
+        p.unlink()
+    capsys.readouterr()
+    assert main(["--reindex", str(out), "--workers", "1"]) == 0
+    captured = capsys.readouterr()
+    assert {p.name: p.read_bytes() for p in out.glob("index-*")} == written
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")} == tars  # nothing re-encoded
+    lines = captured.out.strip().splitlines()
+    assert lines[0] == f"[make_shards] wrote {out / 'index-train.json'} (+ .bin): 12 samples of 4 shards, " \
+                       f"{(out / 'index-train.bin').stat().st_size} bytes"
+    summary = _last_json(captured.out)
+    assert summary["reindexed"] == str(out)
+    assert {k: v["rows"] for k, v in summary["index"].items()} == {"train": 12, "holdout": 12, "exemplars": 8}
+
+
+def test_reindex_without_a_shard_set_exits_2(tmp_path, capsys):
+    assert main(["--reindex", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "manifest.json" in err and str(tmp_path) in err
+
+
+def test_layout_and_out_required_without_reindex(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path)])
+    assert e.value.code == 2 and "--reindex OUT" in capsys.readouterr().err
