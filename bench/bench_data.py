@@ -43,7 +43,7 @@ def _decode_loop(args) -> tuple[int, float]:
     import numpy as np
     import torch
 
-    from pipeline.data.stream import decode_into
+    from pipeline.data.decode import decode_into
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -332,12 +332,14 @@ def main() -> int:
     import ray.data
 
     from pipeline.data.layouts import synthetic_classes
-    from pipeline.data.shards import list_shards, write_shards
+    from pipeline.data.manifest import list_shards
+    from pipeline.data.shards import write_shards
 
     cores = os.cpu_count() or 1
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ray.init(num_cpus=max(8, 4 * cores), include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level="WARNING")
+    from pipeline.runtime import init_ray
+
+    init_ray(max(8, 4 * cores))  # local, loopback only
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     results = {}

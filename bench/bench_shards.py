@@ -80,7 +80,7 @@ def _shards(src: Path, out: Path, size: int) -> tuple[float, list[bytes]]:
 
 
 def _read(jpgs: list[bytes], size: int) -> float:
-    from pipeline.data.stream import decode_images
+    from pipeline.data.decode import decode_images
 
     t = time.perf_counter()
     for i in range(0, len(jpgs), 64):

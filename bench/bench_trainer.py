@@ -116,7 +116,9 @@ def ray_train(args) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    from pipeline.runtime import init_ray
+
+    init_ray(8)  # local, loopback only
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = TorchTrainer(

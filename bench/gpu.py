@@ -151,9 +151,9 @@ def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level="WARNING")
+    from pipeline.runtime import init_ray
+
+    init_ray(max(8, os.cpu_count() or 1))  # local (loopback only) unless RAY_ADDRESS is set
     cfg = load_config(None, [f"data.train={workdir}/train", f"data.image_size={size}", "scaling.num_workers=1",
                              f"batch.classes_per_batch={classes_per_batch}", f"miner.pool_classes={2 * classes_per_batch}",
                              f"data.decode_concurrency={2 if dry else max(2, (os.cpu_count() or 2) - 2)}",

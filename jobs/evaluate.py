@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-list", default="", help="vehicleid: test_list_{800,1600,2400}.txt")
     p.add_argument("--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     args = p.parse_args(argv)
-    from pipeline.data.shards import ShardError
+    from pipeline.data.manifest import ShardError
     from pipeline.eval.evaluate import evaluate_run
-    from pipeline.train.driver import shutdown_ray
+    from pipeline.runtime import shutdown_ray
 
     try:
         out = evaluate_run(args.run_id, args.data, args.tracking_uri, args.protocol, args.pairs, args.test_list)

@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def reindex(out: str, workers: int | None) -> int:
     """``--reindex OUT``: write the index of every split, print one line per file and a JSON summary."""
     from pipeline.data.index import build_index
-    from pipeline.data.shards import ShardError
+    from pipeline.data.manifest import ShardError
 
     try:
         written = build_index(out, workers=workers)
@@ -94,8 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.reindex is not None:
         return reindex(args.reindex, args.workers or None)
-    from pipeline.data.layouts import LayoutError, Scan, scan_imagefolder, scan_lfw, scan_vehicleid, scan_webface, \
-        synthetic_classes
+    from pipeline.data.layouts import (
+        LayoutError,
+        Scan,
+        scan_imagefolder,
+        scan_lfw,
+        scan_vehicleid,
+        scan_webface,
+        synthetic_classes,
+    )
     from pipeline.data.shards import write_shards
 
     size = IMAGE_SIZE[args.layout] if args.image_size is None else args.image_size

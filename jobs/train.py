@@ -1,6 +1,7 @@
 """Train an embedding network on a Ray cluster (local when RAY_ADDRESS is unset), tracked in MLflow.
 
     python -m jobs.train --config configs/quickstart.yaml [key=value ...]
+    python -m jobs.train --config configs/quickstart.yaml --print-config [key=value ...]
 
 Prints one final JSON line: {"run_id": ..., "metrics": {...}}. Rerun with the same
 ``train.run_name`` (and ``train.storage_path``) to resume a run that was killed.
@@ -18,18 +19,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (differences from the defaults)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults, then --config, then overrides) as YAML and exit")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=50")
     args = p.parse_args(argv)
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import ConfigError, dump_yaml, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    from pipeline.data.manifest import ShardError
     from pipeline.data.report import DataQualityError
-    from pipeline.data.shards import ShardError
-    from pipeline.train.driver import StorageError, run_training, shutdown_ray
+    from pipeline.runtime import StorageError, configure_logging, shutdown_ray
+    from pipeline.train.checkpoint import CheckpointError
+    from pipeline.train.driver import run_training
+
+    configure_logging()
 
     # SIGTERM (a preempted node, `ray job stop`, a scheduler) ends the MLflow run KILLED,
     # never RUNNING. Before Ray starts, our handler raises KeyboardInterrupt; once it runs,
@@ -37,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         out = run_training(cfg)
-    except (ShardError, StorageError, DataQualityError) as e:
+    except (ShardError, StorageError, CheckpointError, DataQualityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit):

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -30,8 +30,8 @@ class DataConfig:
     """Held-out shards evaluated at the end of training (``OUT/holdout``); empty = no evaluation."""
     exemplars: str = ""
     """Class-exemplar shards the miner embeds at each refresh (``OUT/exemplars``); empty = the ``exemplars/`` sibling of ``data.train``'s directory when it exists. Used only with ``miner.enabled``."""
-    image_size: int = 64
-    """Side of the square images fed to the network (resized at read time when they differ)."""
+    image_size: int = 0
+    """Side of the square images fed to the network; 0 = the size the training shards were written at (their manifest), or 64 when they keep source sizes. A size that differs from the shards' is allowed (images are resized at every read) and announced once."""
     decode_concurrency: int = 2
     """Actors that decode and augment the composed batches (JPEG bytes -> pixels), in parallel."""
     augment: bool = True
@@ -44,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"
+    backbone: Literal["tiny", "resnet18", "resnet34", "resnet50", "iresnet18", "iresnet50"] = "resnet18"
     """torchvision backbone: resnet18, resnet34, resnet50; ``iresnet50`` / ``iresnet18`` (ArcFace's face trunk for 112x112 images); or ``tiny`` (a 4-layer CNN for tests)."""
     embedding_dim: int = 128
     """Size of the embedding the loss sees."""
@@ -52,19 +52,19 @@ class ModelConfig:
     """L2-normalise the embedding (Sohn's N-pair loss uses unnormalised embeddings + an L2 penalty)."""
     weights: str = ""
     """Optional local path to backbone weights (nothing is downloaded)."""
-    head: str = "linear"
+    head: Literal["linear", "linear_bn"] = "linear"
     """Embedding head: ``linear`` (a Linear layer) or ``linear_bn`` (Linear then BatchNorm1d, the face-recognition habit)."""
-    arch: str = "embedding"
+    arch: Literal["embedding", "mixed_diff"] = "embedding"
     """``embedding`` (backbone + head) or ``mixed_diff`` (Liu et al. 2016's Mixed Difference Network: a vehicle-model branch with a softmax classifier and an instance branch, fused into the embedding; needs shards with ``model`` labels)."""
     num_vehicle_models: int = 250
     """mixed_diff: classes of the vehicle-model classifier (VehicleID: 250); labels must be below it."""
-    norm: str = "batch"
+    norm: Literal["batch", "group"] = "batch"
     """Normalisation layers of the backbone: ``batch`` (BatchNorm2d, as published) or ``group`` (GroupNorm, up to 32 groups). With hard class mining prefer ``group``: train-mode BatchNorm normalises a batch by its own statistics, which removes much of the similarity that mined classes share (BENCHMARKS.md, mining)."""
 
 
 @dataclass
 class LossConfig:
-    name: str = "npair_mc"
+    name: Literal["npair_mc", "npair_ovo", "triplet", "tuplet", "contrastive", "coupled_clusters"] = "npair_mc"
     """npair_mc, npair_ovo, triplet, tuplet, contrastive or coupled_clusters."""
     l2_reg: float = 0.002
     """Weight of the mean squared embedding norm (Sohn 2016's regulariser, N-pair losses)."""
@@ -94,7 +94,7 @@ class MinerConfig:
     """Classes the batch composer holds to choose N from (Sohn's 'large random set of C classes'), mined or not."""
     exemplars_per_class: int = 2
     """Images per class embedded at a refresh."""
-    index: str = "flat"
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
     """FAISS index of class embeddings: flat, ivf or hnsw."""
     timeout_s: float = 2.0
     """Seconds to wait for the miner before falling back to random classes."""
@@ -106,7 +106,7 @@ class TrainConfig:
     """Optimizer steps (each consumes one global batch)."""
     lr: float = 0.01
     """Learning rate."""
-    optimizer: str = "sgd"
+    optimizer: Literal["sgd", "adam"] = "sgd"
     """sgd (momentum 0.9) or adam."""
     weight_decay: float = 5e-4
     """Weight decay of the optimizer."""
@@ -191,12 +191,9 @@ class Config:
             ("train.max_failures", self.train.max_failures >= -1, "must be >= -1 (-1 = no limit)"),
             ("train.checkpoint_every", self.train.checkpoint_every >= 0, "must be >= 0 (0 = only at the end)"),
             ("tracking.retry_s", self.tracking.retry_s >= 0, "must be >= 0"),
-            ("data.image_size", self.data.image_size >= 16, "must be >= 16"),
+            ("data.image_size", self.data.image_size == 0 or self.data.image_size >= 16,
+             "must be 0 (the shards' size) or >= 16"),
             ("model.embedding_dim", self.model.embedding_dim >= 1, "must be >= 1"),
-            ("train.optimizer", self.train.optimizer in ("sgd", "adam"), "must be 'sgd' or 'adam'"),
-            ("model.head", self.model.head in ("linear", "linear_bn"), "must be 'linear' or 'linear_bn'"),
-            ("model.arch", self.model.arch in ("embedding", "mixed_diff"), "must be 'embedding' or 'mixed_diff'"),
-            ("model.norm", self.model.norm in ("batch", "group"), "must be 'batch' or 'group'"),
             ("model.num_vehicle_models", self.model.num_vehicle_models >= 1, "must be >= 1"),
             ("loss.model_branch_weight", self.loss.model_branch_weight >= 0, "must be >= 0"),
         ]
@@ -232,6 +229,8 @@ def _unknown(key: str) -> ConfigError:
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Return ``value`` converted to ``typ`` (strings from the command line are parsed as YAML first)."""
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        return _choice(key, value, typing.get_args(typ))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("", "null", "none")):
@@ -268,6 +267,25 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(f"config key '{key}' expects {typ.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` when it is one of ``choices``; else ConfigError naming the key, the nearest choice and all of them."""
+    if isinstance(value, str) and value in choices:
+        return value
+    near = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.0)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}{hint}")
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The fixed set of values of config ``key`` (a ``Literal`` field, e.g. ``loss.name``); () for a free field."""
+    target: Any = Config
+    parts = key.split(".")
+    for part in parts[:-1]:
+        target = typing.get_type_hints(target)[part]
+    typ = typing.get_type_hints(target)[parts[-1]]
+    return typing.get_args(typ) if typing.get_origin(typ) is Literal else ()
 
 
 def _apply(obj: Any, key: str, value: Any) -> None:

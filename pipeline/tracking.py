@@ -318,6 +318,29 @@ def resume_run(uri: str, run_id: str, config_yaml: str, step: int) -> None:
     client.log_text(run_id, config_yaml, f"config_resumed_step{step}.yaml")
 
 
+def open_run(cfg, config_yaml: str, name: str, latest: dict | None) -> tuple[str, str]:
+    """The MLflow run of a training job: the one a previous job of run ``name`` left, else a new one.
+
+    ``latest`` is the checkpoint the job resumes from (``pipeline.train.checkpoint.
+    resume_point``): its ``run_id`` is reopened. Without one, an unfinished MLflow run named
+    ``train.run_name`` (killed before its first checkpoint) is reopened, else a new run is
+    started. Returns ``(tracking_uri, run_id)``.
+    """
+    uri = resolve_uri(cfg.tracking.uri)
+    if latest is not None:
+        run_id, step = latest["run_id"], int(latest["step"])
+        print(f"[train] resuming run {run_id} ({name}) from step {step}", flush=True)
+    else:
+        run_id = find_run(uri, cfg.tracking.experiment, cfg.train.run_name) if cfg.train.run_name else None
+        step = 0
+        if run_id is not None:
+            print(f"[train] resuming run {run_id} ({name}) from step 0: it has no checkpoint yet", flush=True)
+    if run_id is None:
+        return start_run(cfg, config_yaml)
+    resume_run(uri, run_id, config_yaml, step)
+    return uri, run_id
+
+
 def download_artifacts(uri: str, run_id: str, path: str, dst: str | None = None) -> str:
     """Download a run's artifact path; returns the local path."""
     return _client(uri).download_artifacts(run_id, path, dst or tempfile.mkdtemp(prefix="dml-"))

@@ -12,9 +12,10 @@ def ray_local():
     """A real local Ray instance for the tests that need one (started once, stopped at the end)."""
     import ray
 
+    from pipeline.runtime import init_ray
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+    init_ray(8)  # loopback only, as a job's local instance
     yield ray
     ray.shutdown()
 

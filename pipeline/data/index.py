@@ -63,8 +63,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.manifest import MANIFEST, ShardError
 from pipeline.data.reader import TarReadError, iter_tar
-from pipeline.data.shards import MANIFEST, ShardError
 
 FORMAT = "dml-pipeline/index-v1"
 SPLITS = ("train", "holdout", "exemplars")

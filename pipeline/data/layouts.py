@@ -115,7 +115,7 @@ def scan_lfw(root: str | Path) -> Scan:
     the problems. Text files in ROOT (the LFW metadata) are not reported as strays.
     Raises :class:`LayoutError` like :func:`scan_imagefolder`.
     """
-    from pipeline.eval.verification import read_lfw_pairs  # the one parser of pairs.txt
+    from pipeline.data.pairs import read_lfw_pairs  # the one parser of pairs.txt
 
     root = Path(root)
     classes, problems = scan_imagefolder(root)

@@ -202,3 +202,59 @@ def write_report(report: dict | str, path: str | os.PathLike, namespace: str | N
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, path)
     return path
+
+
+def report_name(run_id: str) -> str:
+    """The report actor's name for MLflow run ``run_id``."""
+    return f"data-report-{run_id}"
+
+
+def raise_if_too_bad(name: str, max_bad_fraction: float, exc: BaseException) -> None:
+    """After a failed fit: raise the ``DataQualityError`` that report ``name`` shows, from ``exc``.
+
+    The stream stops a run with a :class:`DataQualityError` when bad samples exceed
+    ``data.max_bad_fraction``, but it reaches the driver buried, and cut, in Ray Train's
+    worker traceback; the report actor holds the same facts (reasons, files). Returns
+    quietly when the report does not show too many bad samples or cannot be read (the
+    original error then speaks for itself).
+    """
+    try:
+        report = fetch_report(name)
+    except Exception:  # noqa: BLE001 -- no report: let the original error speak
+        return
+    counts = [report["counts"].get(r, 0) for r in REASONS]
+    items = [(i["shard"], i["key"], i["reason"]) for i in report["items"]]
+    try:
+        check_bad_fraction(counts, report["samples_seen"], max_bad_fraction, items)
+    except DataQualityError as dq:
+        raise dq from exc
+
+
+def log_report(uri: str, run_id: str, name: str, step: int, retry_s: float) -> dict | None:
+    """Log report ``name`` to MLflow run ``run_id``: ``data_report.json`` and the run-level ``data/*`` metrics at ``step``.
+
+    ``data_report.json`` lists every skipped file, key and reason with the counts. Called
+    when the fit ends, also when it failed (a ``data.max_bad_fraction`` stop names its files
+    there too). Prints the counts when anything was skipped. Returns the report, or None when
+    it could not be read or logged (printed, not raised: the run's own outcome matters more).
+    Size: at most :data:`MAX_ITEMS` items (~1 MB of JSON) whatever the data set's size.
+    """
+    import sys
+    import tempfile
+
+    from pipeline import tracking
+
+    try:
+        report = fetch_report(name)
+        with tempfile.TemporaryDirectory() as d:
+            write_report(report, os.path.join(d, "data_report.json"))
+            tracking.log_artifacts(uri, run_id, d, None, retry_s=retry_s)
+        tracking.log_metrics(uri, run_id, report_metrics(report), step=step, retry_s=retry_s)
+    except Exception as e:  # noqa: BLE001 -- a report is a by-product; never mask the run's own outcome
+        print(f"[train] could not log the data report: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return None
+    if report["bad_total"]:
+        counts = ", ".join(f"{r} {n}" for r, n in report["counts"].items() if n)
+        print(f"[train] skipped {report['bad_total']} bad samples of {report['samples_seen']} ({counts}); "
+              f"details in the run's data_report.json", flush=True)
+    return report

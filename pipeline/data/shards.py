@@ -44,7 +44,6 @@ manifest; a rerun with another size rewrites every shard.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import glob as globlib
 import io
 import json
 import os
@@ -56,12 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.layouts import ClassItems
-
-MANIFEST = "manifest.json"
-
-
-class ShardError(ValueError):
-    """A shard set cannot be found or read (names the path)."""
+from pipeline.data.manifest import MANIFEST, ShardError
 
 
 @dataclass
@@ -372,48 +366,3 @@ def write_shards(
     else:
         remove_index(out, "exemplars")
     return manifest
-
-
-def list_shards(spec: str) -> tuple[list[str], object | None]:
-    """Resolve ``data.train`` / ``data.eval`` into tar paths and a pyarrow filesystem.
-
-    ``spec`` is a local directory (all ``*.tar`` below it), a glob, a single tar, or a URI
-    (``s3://bucket/prefix``) understood by ``pyarrow.fs``. Returns ``(paths, filesystem)``
-    where filesystem is None for local paths. Raises :class:`ShardError` when nothing matches.
-    """
-    if not spec:
-        raise ShardError("no shard location given (set data.train / data.eval)")
-    if "://" in spec:
-        import pyarrow.fs as pafs
-
-        fs, root = pafs.FileSystem.from_uri(spec)
-        info = fs.get_file_info(root)
-        if info.type == pafs.FileType.File:
-            paths = [root]
-        else:
-            sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
-            paths = sorted(i.path for i in fs.get_file_info(sel) if i.path.endswith(".tar"))
-        if not paths:
-            raise ShardError(f"no .tar shards found at '{spec}'")
-        return paths, fs
-    p = Path(spec)
-    if p.is_dir():
-        paths = sorted(str(x) for x in p.rglob("*.tar"))
-    elif p.is_file():
-        paths = [str(p)]
-    else:
-        paths = sorted(globlib.glob(spec))
-    if not paths:
-        raise ShardError(f"no .tar shards found at '{spec}' (run `python -m jobs.make_shards` first)")
-    return paths, None
-
-
-def find_manifest(spec: str) -> dict | None:
-    """Return the manifest of the shard set that ``spec`` points into (its dir or a parent), or None."""
-    if "://" in spec:
-        return None
-    p = Path(spec.split("*")[0])
-    for d in [p, *p.parents][:3]:
-        if (d / MANIFEST).is_file():
-            return json.loads((d / MANIFEST).read_text())
-    return None

@@ -46,7 +46,8 @@ import time
 import numpy as np
 
 from pipeline.data.batching import BatchComposer, RandomSelector
-from pipeline.data.shards import list_shards
+from pipeline.data.decode import decode_into
+from pipeline.data.manifest import list_shards
 
 GATE_BLOCK_BATCHES = 4
 """With a gate: Ray Data blocks of about this many global batches (see build_train_dataset).
@@ -57,55 +58,6 @@ per row), 4 or 8 batches ~0%; 4 keeps the lag closest to the gate's lead (mean 1
 
 DECODE_IMAGES_PER_CALL = 256
 """Images one decode-stage call handles (whole rows): amortises Ray's per-call cost."""
-
-
-def decode_into(jpgs, out: np.ndarray, flip=None) -> np.ndarray:
-    """Decode JPEG bytes into ``out`` (``(B, size, size, 3)`` uint8, written in place),
-    resizing when needed and mirroring image i left-right when ``flip[i]``.
-
-    Returns a boolean mask of the inputs that decoded; ``out[i]`` is left as it was for the others.
-    The flip rides on the HWC copy that is needed anyway, so it costs nothing extra.
-    """
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2.functional import resize
-
-    size = out.shape[1]
-    ok = np.zeros(len(jpgs), dtype=bool)
-    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) if len(b) else None for b in jpgs]
-    decoded = None
-    if all(t is not None for t in tensors) and tensors:
-        try:  # one C++ call for the whole list; it raises if any image is bad
-            decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError):
-            decoded = None
-    for i, t in enumerate(tensors):
-        if decoded is not None:
-            img = decoded[i]
-        else:
-            if t is None:
-                continue
-            try:
-                img = decode_jpeg(t, mode=ImageReadMode.RGB)
-            except (RuntimeError, ValueError):
-                continue
-        if img.shape[1] != size or img.shape[2] != size:
-            img = resize(img, [size, size], antialias=True)
-        hwc = img.permute(1, 2, 0).numpy()
-        out[i] = hwc[:, ::-1] if flip is not None and flip[i] else hwc
-        ok[i] = True
-    return ok
-
-
-def decode_images(jpgs, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode JPEG bytes to ``(B, size, size, 3)`` uint8, resizing when needed.
-
-    Returns the images and a boolean mask of the inputs that decoded (bad ones are dropped
-    from the images, not replaced).
-    """
-    out = np.empty((len(jpgs), size, size, 3), dtype=np.uint8)
-    ok = decode_into(jpgs, out)
-    return (out if ok.all() else out[ok]), ok
 
 
 def _split_blob(blob: bytes, offsets: np.ndarray) -> list[bytes]:
@@ -278,13 +230,14 @@ class ComposeBatches:
     ``bad_counts``, with ``samples_seen``), pushes them to the report actor, enforces
     ``max_bad_fraction``, drops samples a resumed run already consumed (``position``), and
     composes N-pair batches of JPEG bytes, packed as ``jpg_blob`` + ``jpg_offsets``.
-    With ``miner`` (``MinerClient`` keyword arguments) the classes come from the miner and
+    With ``miner`` (a picklable factory of the miner's selector, e.g. ``functools.partial(
+    pipeline.mining.actor.MinerClient, name=...)``; the stream never imports mining) the classes come from the miner and
     the rows carry the mining columns described in the module docstring (the random side
     batch as ``rand_blob`` / ``rand_offsets`` until the decode stage decodes it).
     """
 
     def __init__(self, classes_per_rank: int, images_per_class: int, pool_classes: int, num_ranks: int,
-                 seed: int, miner: dict | None = None, random_every: int = 10, gate: dict | None = None,
+                 seed: int, miner=None, random_every: int = 10, gate: dict | None = None,
                  paths: list[str] | None = None, report=None, position: str | None = None,
                  max_bad_fraction: float = 1.0, shard_reads: int = 0) -> None:
         from pipeline.data.report import REASONS
@@ -293,9 +246,7 @@ class ComposeBatches:
         self.side = None
         self.gate = _TrainerGate(**gate) if gate else None
         if miner:
-            from pipeline.mining.actor import MinerClient
-
-            self.client = MinerClient(**miner)
+            self.client = miner()
             selector = self.side = _SideBySideSelector(self.client, images_per_class, random_every, seed)
         self.composer = BatchComposer(classes_per_rank, images_per_class, pool_classes, num_ranks, selector, seed)
         if self.side is not None:
@@ -577,7 +528,7 @@ def _mean_sample_bytes(paths: list[str], fs, manifest: dict | None) -> float:
     return total / n if n else 8192.0
 
 
-def build_train_dataset(cfg, num_images: int | None = None, miner: dict | None = None, random_every: int = 10,
+def build_train_dataset(cfg, num_images: int | None = None, miner=None, random_every: int = 10,
                         gate: dict | None = None, position: str | None = None, report: str | None = None):
     """The training ``ray.data.Dataset``: one row = one rank's batch.
 
@@ -585,8 +536,8 @@ def build_train_dataset(cfg, num_images: int | None = None, miner: dict | None =
     (K*M,) int64 (``pipeline/data/reader.py``; -1 for an image replaced by another of its
     class), ``bad_counts`` (len(REASONS),) int64 cumulative, ``samples_seen`` and
     ``resumed_skip`` int64 (see :func:`data_metrics`).
-    ``miner``: keyword arguments of ``MinerClient`` (at least ``name``) to select classes
-    with the miner actor; the rows then also hold the mining columns (module docstring),
+    ``miner``: a picklable factory of ``MinerClient`` (``functools.partial(MinerClient,
+    name=..., timeout_s=...)``) to select classes with the miner actor; the rows then also hold the mining columns (module docstring),
     with a random side-by-side batch every ``random_every`` global batches (0 = never).
     ``gate``: keyword arguments of ``_TrainerGate`` (``actor``, ``max_lead``) to keep the
     composer close to the trainer, so that selections use recent class embeddings.
@@ -601,9 +552,9 @@ def build_train_dataset(cfg, num_images: int | None = None, miner: dict | None =
     """
     import ray.data
 
+    from pipeline.data.manifest import find_manifest
     from pipeline.data.reader import read_dataset, shard_spec_from_manifest
     from pipeline.data.report import create_report
-    from pipeline.data.shards import find_manifest
 
     paths, fs = list_shards(cfg.data.train)
     manifest = find_manifest(cfg.data.train)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.shards import list_shards
-from pipeline.data.stream import decode_images
+from pipeline.data.decode import decode_images
+from pipeline.data.manifest import list_shards
 
 
 class Embedder:

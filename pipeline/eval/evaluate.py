@@ -21,13 +21,9 @@ from pipeline.config import Config
 
 PROTOCOLS = ("retrieval", "verification", "vehicleid")
 
-
-def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
-    """The untrained network's weights: what every worker starts from (same seed, same init)."""
-    from pipeline.models import build_model
-
-    torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model).state_dict()
+CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
+"""Where a training run keeps its final checkpoint in MLflow (``pipeline.train.checkpoint``'s ``model.pt``,
+loaded here with ``weights_only=True``; only its ``model`` entry is used)."""
 
 
 def _embed(cfg: Config, state: dict, data: str):
@@ -93,7 +89,8 @@ def evaluate_state(cfg: Config, state: dict, data: str, protocol: str = "retriev
     if protocol == "retrieval":
         out = retrieval_metrics(emb, labels, ks=tuple(cfg.eval.ks), seed=cfg.train.seed)
     elif protocol == "verification":
-        from pipeline.eval.verification import cosine_scores, read_lfw_pairs, verification_metrics
+        from pipeline.data.pairs import read_lfw_pairs
+        from pipeline.eval.verification import cosine_scores, verification_metrics
 
         plist = read_lfw_pairs(pairs)
         left = _rows_for([p.left.split("/")[-1] for p in plist], keys, pairs)
@@ -134,25 +131,25 @@ def evaluate_run(run_id: str, data: str = "", tracking_uri: str = "", protocol: 
 
     from pipeline import tracking
     from pipeline.config import config_from_dict
-    from pipeline.train.driver import init_ray
-    from pipeline.train.loop import CKPT_FILE, load_checkpoint
+    from pipeline.runtime import init_ray
 
     uri = tracking.resolve_uri(tracking_uri)
     run = tracking.get_run(uri, run_id)
     try:
         cfg = config_from_dict(yaml.safe_load(open(tracking.download_artifacts(uri, run_id, "config.yaml"))))
-        ckpt = tracking.download_artifacts(uri, run_id, f"checkpoint/{CKPT_FILE}")
+        ckpt = tracking.download_artifacts(uri, run_id, CHECKPOINT_ARTIFACT)
     except Exception as e:  # MLflow raises several types for a missing artifact
-        raise FileNotFoundError(f"run '{run_id}' has no config.yaml or checkpoint/{CKPT_FILE} artifact: {e}") from None
+        raise FileNotFoundError(f"run '{run_id}' has no config.yaml or {CHECKPOINT_ARTIFACT} artifact: {e}") from None
     data = data or cfg.data.eval
     if not data:
         raise ValueError(f"run '{run_id}' has no data.eval; pass --data SHARDS")
     for f in (pairs, test_list):
         if f and not Path(f).is_file():
             raise FileNotFoundError(f"file '{f}' does not exist")
-    init_ray(cfg)
+    init_ray(cfg.scaling.num_cpus)
     with tempfile.TemporaryDirectory() as plots:
-        metrics = evaluate_state(cfg, load_checkpoint(ckpt)["model"], data, protocol, pairs, test_list, plots)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+        metrics = evaluate_state(cfg, state, data, protocol, pairs, test_list, plots)
         if os.listdir(plots):
             tracking.log_artifacts(uri, run_id, plots, f"eval/{protocol}")
     step = int(run.data.params.get("train.steps", 0))

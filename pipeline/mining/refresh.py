@@ -25,13 +25,14 @@ This module knows the miner only by its actor name and its ``update`` method.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 import ray
 
-from pipeline.data.shards import ShardError, list_shards
+from pipeline.data.manifest import ShardError, list_shards
 
 
 def resolve_exemplars(train: str, exemplars: str = "") -> str:
@@ -154,12 +155,9 @@ class Refresher:
     def __init__(self, miner_name: str, exemplars: str, model_cfg: dict, image_size: int,
                  per_class: int = 0, namespace: str | None = None, batch_size: int = 256,
                  actors: int = 0, use_gpu: bool = False) -> None:
-        import ray.data
+        from pipeline.runtime import quiet_ray_data
 
-        # Ray Data's progress tables would flood the job's log at every refresh.
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
+        quiet_ray_data()  # Ray Data's progress tables would flood the job's log at every refresh
         self.miner_name, self.namespace = miner_name, namespace
         self.exemplars, self.model_cfg, self.image_size = exemplars, model_cfg, image_size
         self.per_class, self.batch_size, self.actors, self.use_gpu = per_class, batch_size, actors, use_gpu
@@ -293,3 +291,68 @@ class AsyncRefresh:
             self.last_error = repr(exc)
             self._handle = None
             return None
+
+
+@dataclasses.dataclass
+class MinerSession:
+    """A run's hard negative class miner, as :func:`start_miner` left it."""
+
+    actors: list
+    """Handles of the miner and refresher actors: keep them referenced while training runs."""
+    refresher: str
+    """Name of the refresher actor (the train loop pushes weights to it)."""
+    miner: str
+    """Name of the miner actor (the stream's ``MinerClient`` asks it for classes)."""
+    timeout_s: float
+    """Seconds the stream waits for the miner before it draws random classes."""
+    max_lead: int
+    """Global batches the composer may select ahead of the trainer (the stream's gate)."""
+
+    def loop_settings(self) -> dict:
+        """The train loop's miner settings."""
+        return {"refresher": self.refresher}
+
+    def stream_settings(self) -> tuple:
+        """The stream's ``(MinerClient factory, gate settings)``."""
+        import functools
+
+        from pipeline.mining.actor import MinerClient
+
+        client = functools.partial(MinerClient, name=self.miner, timeout_s=self.timeout_s)
+        return client, {"actor": self.refresher, "max_lead": self.max_lead}
+
+
+def start_miner(cfg, uri: str, run_id: str) -> MinerSession:
+    """Start the hard negative class miner of a run and fill it with the initial weights.
+
+    Creates the miner actor (``miner-<run_id>``) and the refresher actor
+    (``miner-refresher-<run_id>``), then runs one refresh synchronously with the initial
+    weights (the same every worker starts from), so the first batches are already mined;
+    its wall time is logged as ``mine/refresh_s`` at step 0.
+
+    The composer is kept about ``miner.refresh_every`` (at least 16) global batches ahead
+    of the trainer (``pipeline.data.stream._TrainerGate``): unchecked, Ray Data selects the
+    classes of the whole run within seconds, all with the initial embeddings. So a batch's
+    classes are chosen with class embeddings about two refresh intervals old, against at
+    most one in Sohn's in-loop mining.
+
+    Raises ShardError when there are no class-exemplar shards (``data.exemplars``).
+    """
+    from pipeline import tracking
+    from pipeline.mining.actor import get_or_create_miner
+    from pipeline.models import initial_state
+
+    exemplars = resolve_exemplars(cfg.data.train, cfg.data.exemplars)
+    name, refresher_name = f"miner-{run_id}", f"miner-refresher-{run_id}"
+    miner = get_or_create_miner(name, dim=cfg.model.embedding_dim, index=cfg.miner.index)
+    refresher = get_or_create_refresher(
+        refresher_name, name, exemplars, dataclasses.asdict(cfg.model), cfg.data.image_size,
+        per_class=cfg.miner.exemplars_per_class, use_gpu=cfg.scaling.use_gpu,
+    )
+    first = ray.get(refresher.refresh.remote([ray.put(initial_state(cfg))], 0))
+    print(f"[train] miner {name}: {first['classes']} classes from {exemplars}, "
+          f"version {first['version']} in {first['refresh_s']:.1f}s", flush=True)
+    tracking.log_metrics(uri, run_id, {"mine/refresh_s": first["refresh_s"],
+                                       "mine/refresh_version": first["version"]}, step=0)
+    return MinerSession([miner, refresher], refresher_name, name, cfg.miner.timeout_s,
+                        max(16, cfg.miner.refresh_every))

@@ -27,3 +27,15 @@ def build_model(cfg) -> nn.Module:
         return MixedDifferenceNet(trunk, dim, cfg.embedding_dim, cfg.num_vehicle_models,
                                   normalize=cfg.normalize, head=head)
     return EmbeddingNet(trunk, dim, cfg.embedding_dim, cfg.normalize, head=head)
+
+
+def initial_state(cfg) -> dict:
+    """The untrained network's weights for a full ``Config``: what every worker starts from.
+
+    Seeds torch with ``train.seed`` first, so every caller (each DDP rank, the miner's first
+    refresh, the untrained-network evaluation) gets the same initialisation.
+    """
+    import torch
+
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model).state_dict()

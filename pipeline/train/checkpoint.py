@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
+import time
 
 import numpy as np
 import torch
 
 CKPT_FILE = "model.pt"
 META_FILE = "meta.json"
+
+log = logging.getLogger("pipeline.train")
 
 
 class CheckpointError(RuntimeError):
@@ -106,13 +110,21 @@ def load_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_meta(directory: str) -> dict:
-    """The ``meta.json`` of a checkpoint directory; raises CheckpointError when it is missing or unreadable."""
-    path = os.path.join(directory, META_FILE)
+def read_meta(directory: str, fs=None) -> dict:
+    """The ``meta.json`` of a checkpoint directory, local or on a pyarrow filesystem ``fs``.
+
+    Raises CheckpointError when it is missing or unreadable.
+    """
+    import pyarrow
+
+    path = f"{directory.rstrip('/')}/{META_FILE}"
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
+        if fs is None:
+            with open(path) as f:
+                return json.load(f)
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except (OSError, ValueError, pyarrow.ArrowException) as e:
         raise CheckpointError(f"checkpoint '{directory}' is incomplete: no readable {META_FILE} ({e}); "
                               f"it was not fully written and must not be resumed from") from None
 
@@ -134,3 +146,102 @@ def load_checkpoint_dir(directory: str) -> dict:
         raise CheckpointError(f"checkpoint '{directory}': {CKPT_FILE} (step {state['step']}) does not match "
                               f"{META_FILE} (step {meta['step']})")
     return state
+
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+"""Ray Train's (V2) list of registered checkpoints in ``<storage_path>/<run name>/``."""
+
+
+def latest_checkpoint(storage_path: str, name: str, repair: bool = False) -> dict | None:
+    """The checkpoint a job of run ``name`` resumes from: its ``meta.json``, plus ``path`` and ``registered``.
+
+    Normally the latest checkpoint in Ray Train's run snapshot (``registered`` True; Ray
+    hands it to the workers itself). Ray writes that snapshot in place, so a job killed at
+    the wrong moment leaves it empty or cut (seen here after SIGTERM: a 0-byte file), and
+    Ray Train would then refuse to start. Then, or when there is no snapshot at all, the
+    newest checkpoint directory whose ``meta.json`` is readable and whose ``model.pt`` has
+    the size it records is used (``registered`` False: the driver passes it to the loop).
+    With ``repair`` an unreadable snapshot is moved aside (``<name>.unreadable-<time>``) so
+    that Ray Train can start; only a driver about to run ``name`` may do that (a running
+    job's controller rereads the snapshot when it restarts its worker group). Returns None
+    when the run has no complete checkpoint. Raises CheckpointError when the registered
+    latest checkpoint has no readable ``meta.json`` (an older format).
+    """
+    import pyarrow.fs
+
+    from pipeline.runtime import is_uri
+
+    fs, exp = pyarrow.fs.FileSystem.from_uri(storage_path.rstrip("/") + "/" + name)
+    scheme = storage_path.split("://", 1)[0] + "://" if is_uri(storage_path) else ""
+    snapshot = f"{exp}/{SNAPSHOT_FILE}"
+    if fs.get_file_info(snapshot).type == pyarrow.fs.FileType.File:
+        try:
+            ckpt = _registered_checkpoint(scheme + exp)
+        except Exception as e:  # noqa: BLE001 -- whatever Ray makes of a cut snapshot
+            if not repair:
+                return _newest_complete(fs, exp, scheme)
+            aside = f"{snapshot}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+            fs.move(snapshot, aside)
+            log.warning("Ray Train's run snapshot %s%s is unreadable (%s: %s); moved it to %s and resuming from "
+                        "the newest complete checkpoint directory", scheme, snapshot, type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "", aside)
+        else:
+            if ckpt is None:
+                return None
+            try:
+                meta = read_meta(ckpt.path, ckpt.filesystem)
+            except CheckpointError:
+                raise CheckpointError(f"the latest checkpoint of run '{name}' ({ckpt.path}) has no readable "
+                                      f"{META_FILE}: it was written by an older version of this project; use a new "
+                                      f"train.run_name") from None
+            return dict(meta, path=scheme + ckpt.path, registered=True)
+    return _newest_complete(fs, exp, scheme)
+
+
+def resume_point(storage_path: str, run_name: str, steps: int) -> dict | None:
+    """The checkpoint a job named ``run_name`` resumes from (see :func:`latest_checkpoint`), or None.
+
+    None without a ``run_name`` (a generated name never resumes). Raises CheckpointError
+    when that checkpoint already reached ``steps`` (``train.steps``).
+    """
+    if not run_name:
+        return None
+    latest = latest_checkpoint(storage_path, run_name, repair=True)
+    if latest is not None and int(latest["step"]) >= steps:
+        raise CheckpointError(f"run '{run_name}' (MLflow run {latest['run_id']}) already reached step "
+                              f"{latest['step']} of train.steps={steps} in {storage_path}: raise train.steps to "
+                              f"train on, or pick a new train.run_name")
+    return latest
+
+
+def _newest_complete(fs, exp: str, scheme: str) -> dict | None:
+    import pyarrow.fs
+
+    best = None
+    if fs.get_file_info(exp).type != pyarrow.fs.FileType.Directory:
+        return None
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(exp)):
+        if info.type != pyarrow.fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            meta = read_meta(info.path, fs)
+        except CheckpointError:
+            continue  # not fully written
+        if fs.get_file_info(f"{info.path}/{meta.get('file', CKPT_FILE)}").size != meta.get("bytes"):
+            continue
+        if best is None or meta["step"] > best["step"]:
+            best = dict(meta, path=scheme + info.path, registered=False)
+    return best
+
+
+def _registered_checkpoint(exp: str):
+    import ray.train
+
+    # Reading the snapshot logs Ray's "A run snapshot was found..." advice, meant for fit().
+    quiet = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return ray.train.Result.from_path(exp).checkpoint
+    finally:
+        quiet.setLevel(level)

@@ -84,7 +84,7 @@ def _resume_state(fallback: str | None) -> dict | None:
     """The latest complete checkpoint Ray Train holds for this run, else the one at ``fallback`` (None: fresh start).
 
     ``fallback`` is a checkpoint the driver found when Ray Train's run snapshot was lost
-    (``pipeline.train.driver.latest_checkpoint``); once this job reports a checkpoint, Ray's
+    (``pipeline.train.checkpoint.latest_checkpoint``); once this job reports a checkpoint, Ray's
     own takes over.
     """
     import ray.train

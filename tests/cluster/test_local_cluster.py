@@ -9,13 +9,10 @@ rejected, and every server of the cluster must listen on loopback only.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import urllib.error
@@ -24,6 +21,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.sockets import is_loopback, listening, listening_of, session_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -36,35 +35,8 @@ STEPS = 4
 CANDIDATE_BASES = (27379, 28379, 29379, 30379)
 
 
-def _listening() -> list[tuple[str, int, int]]:
-    """``(address, port, socket inode)`` of every listening TCP socket on the machine."""
-    out = []
-    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-        try:
-            lines = Path(f"/proc/net/{name}").read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            f = line.split()
-            if f[3] != "0A":  # TCP_LISTEN
-                continue
-            hex_addr, hex_port = f[1].split(":")
-            raw = bytes.fromhex(hex_addr)
-            # /proc prints the address as 32-bit words in host (little-endian) order
-            raw = b"".join(struct.pack("<I", struct.unpack(">I", raw[i:i + 4])[0]) for i in range(0, len(raw), 4))
-            out.append((socket.inet_ntop(family, raw), int(hex_port, 16), int(f[9])))
-    return out
-
-
-def _is_loopback(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
 def _pick_base() -> int:
-    busy = {port for _, port, _ in _listening()}
+    busy = {port for _, port, _ in listening()}
     for base in CANDIDATE_BASES:
         if not busy & set(range(base, base + 301)):
             return base
@@ -208,46 +180,17 @@ def test_submissions_without_the_token_are_rejected(cluster, tmp_path):
 
 def _cluster_pids(state: Path) -> set[int]:
     """Every process of the two nodes: each node's `ray start` is a session leader (setsid)."""
-    leaders = {int((state / "ray" / f"{n}.pid").read_text()) for n in ("head", "worker")}
-    pids = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            sid = int(stat.rsplit(")", 1)[1].split()[3])  # after "(comm)": state ppid pgrp session
-            if sid in leaders:
-                pids.add(int(d.name))
-    return pids
-
-
-def _socket_inodes(pids: set[int]) -> set[int]:
-    inodes = set()
-    for pid in pids:
-        try:
-            fds = list(Path(f"/proc/{pid}/fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
-    return inodes
+    return session_pids({int((state / "ray" / f"{n}.pid").read_text()) for n in ("head", "worker")})
 
 
 def test_every_cluster_server_listens_on_loopback_only(cluster):
     pids = _cluster_pids(cluster["state"])
     assert len(pids) > 5, "expected the GCS, raylets, dashboard, agents and workers"
-    inodes = _socket_inodes(pids)
-    ours = [(addr, port) for addr, port, inode in _listening() if inode in inodes]
+    ours = [(addr, port) for addr, port, _ in listening_of(pids)]
     gcs, dashboard = cluster["ports"]
     assert {gcs, dashboard} <= {port for _, port in ours}, ours
-    exposed = sorted({(a, p) for a, p in ours if not _is_loopback(a)})
+    exposed = sorted({(a, p) for a, p in ours if not is_loopback(a)})
     assert not exposed, f"cluster ports bound beyond loopback: {exposed}"
     mlflow_port = int(cluster["mlflow"].rsplit(":", 1)[1])
-    mlflow_binds = {a for a, p, _ in _listening() if p == mlflow_port}
-    assert mlflow_binds and all(_is_loopback(a) for a in mlflow_binds), mlflow_binds
+    mlflow_binds = {a for a, p, _ in listening() if p == mlflow_port}
+    assert mlflow_binds and all(is_loopback(a) for a in mlflow_binds), mlflow_binds

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.data.index import SampleIndex, build_index, class_ranges, load_index, read_samples
 from pipeline.data.layouts import ClassItems, synthetic_classes
-from pipeline.data.shards import ShardError, write_shards
+from pipeline.data.manifest import ShardError
+from pipeline.data.shards import write_shards
 
 
 def _classes() -> list[ClassItems]:

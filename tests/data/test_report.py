@@ -7,8 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.data.report import (MIN_SEEN, REASONS, DataQualityError, DataReport, bad_fraction,
-                                  check_bad_fraction, report_metrics, write_report)
+from pipeline.data.report import (
+    MIN_SEEN,
+    REASONS,
+    DataQualityError,
+    DataReport,
+    bad_fraction,
+    check_bad_fraction,
+    report_metrics,
+    write_report,
+)
 
 
 def _counts(**kw) -> np.ndarray:

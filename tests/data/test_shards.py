@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from pipeline.data.layouts import ClassItems, scan_imagefolder, synthetic_classes
-from pipeline.data.shards import MANIFEST, ShardError, find_manifest, list_shards, write_shards
+from pipeline.data.manifest import MANIFEST, ShardError, find_manifest, list_shards
+from pipeline.data.shards import write_shards
 
 
 def _write(classes, out, **kw):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from pipeline.config import load_config
 from pipeline.data.stream import GATE_BLOCK_BATCHES, build_train_dataset
+from pipeline.mining.actor import MinerClient
 
 DIM = 8
 
@@ -41,7 +44,7 @@ def test_mined_batches_are_harder_than_random_ones(ray_local, tiny_shards):
     ids, emb = _class_embeddings(tiny_shards)
     miner = get_or_create_miner("miner-stream-hard", dim=DIM)
     assert ray.get(miner.update.remote(ids, emb)) == 1
-    ds = build_train_dataset(_cfg(tiny_shards, 3), miner={"name": "miner-stream-hard", "timeout_s": 10.0},
+    ds = build_train_dataset(_cfg(tiny_shards, 3), miner=functools.partial(MinerClient, name="miner-stream-hard", timeout_s=10.0),
                              random_every=2)
     rows = list(ds.iter_batches(batch_size=1, batch_format="numpy"))
     assert len(rows) >= 20
@@ -70,7 +73,7 @@ def test_stream_goes_on_with_random_classes_when_the_miner_dies(ray_local, tiny_
     miner = get_or_create_miner("miner-stream-kill", dim=DIM, max_restarts=2)
     ray.get(miner.update.remote(ids, emb))
     epochs = 20
-    ds = build_train_dataset(_cfg(tiny_shards, epochs), miner={"name": "miner-stream-kill", "timeout_s": 0.2})
+    ds = build_train_dataset(_cfg(tiny_shards, epochs), miner=functools.partial(MinerClient, name="miner-stream-kill", timeout_s=0.2))
     rows = []
     for r in ds.iter_batches(batch_size=1, batch_format="numpy"):
         if not rows:
@@ -102,7 +105,7 @@ def test_gate_keeps_the_composer_close_to_the_trainer(ray_local, tiny_shards):
     progress = get_or_create_refresher("refresher-stream-gate", "miner-stream-gate", str(tiny_shards / "exemplars"),
                                        {}, image_size=32)  # only its step counter is used here
     lead = 4
-    ds = build_train_dataset(_cfg(tiny_shards, 4), miner={"name": "miner-stream-gate", "timeout_s": 10.0},
+    ds = build_train_dataset(_cfg(tiny_shards, 4), miner=functools.partial(MinerClient, name="miner-stream-gate", timeout_s=10.0),
                              gate={"actor": "refresher-stream-gate", "max_lead": lead})
     lags = []
     for step, r in enumerate(ds.iter_batches(batch_size=1, batch_format="numpy"), 1):

@@ -76,7 +76,7 @@ def _ledger_steps(ledger: Path) -> dict[tuple[int, int], int]:
 
 def _registered_step(work: Path) -> int:
     """Step of the latest checkpoint in Ray Train's snapshot of run ``ft`` (0: none yet)."""
-    from pipeline.train.driver import latest_checkpoint
+    from pipeline.train.checkpoint import latest_checkpoint
 
     try:
         meta = latest_checkpoint(str(work / "runs"), "ft")

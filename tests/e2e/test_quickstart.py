@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.sockets import is_loopback, listening_of, session_pids
+
 pytestmark = pytest.mark.e2e
 STEPS = 6
 
@@ -117,7 +119,11 @@ def test_evaluate_job_verification_and_vehicleid_protocols(trained, tiny_shards)
 
 
 def test_sigterm_ends_the_mlflow_run_killed(tiny_shards, tmp_path):
-    """A job stopped with SIGTERM mid-training leaves its run KILLED, not RUNNING."""
+    """A job stopped with SIGTERM mid-training leaves its run KILLED, not RUNNING.
+
+    While it trains, every process of its local Ray instance (the job's session: GCS,
+    raylet, agents, train and Ray Data workers, actors) listens on loopback only.
+    """
     import signal
     import time
 
@@ -129,7 +135,7 @@ def test_sigterm_ends_the_mlflow_run_killed(tiny_shards, tmp_path):
         [sys.executable, "-m", "jobs.train", "--config", str(Path(__file__).parents[2] / "configs/quickstart.yaml"),
          f"data.train={tiny_shards}/train", "data.eval=", "data.image_size=32", "train.steps=100000",
          "batch.classes_per_batch=4", "miner.pool_classes=8", "train.log_every=1"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     deadline, run_id = time.time() + 240, None
     while time.time() < deadline and proc.poll() is None:
@@ -141,6 +147,14 @@ def test_sigterm_ends_the_mlflow_run_killed(tiny_shards, tmp_path):
             run_id = runs[0].info.run_id
             break
     assert run_id, "training never logged a step"
+    ports = set()
+    for _ in range(3):  # workers come and go: look a few times
+        ports |= set(listening_of(session_pids({proc.pid})))
+        time.sleep(1)
+    names = {name for _, _, name in ports}
+    assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names), sorted(ports)
+    exposed = sorted(p for p in ports if not is_loopback(p[0]))
+    assert not exposed, f"the local Ray instance listens beyond loopback: {exposed}"
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert client.get_run(run_id).info.status == "KILLED", out[-3000:]

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve as sk_roc_curve
 
+from pipeline.data.pairs import read_lfw_pairs
 from pipeline.eval.verification import (
     cosine_scores,
     identification_rank1,
-    read_lfw_pairs,
     roc_curve,
     tar_at_far,
     verification_metrics,

@@ -13,7 +13,8 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.data.layouts import synthetic_classes
-from pipeline.data.shards import ShardError, list_shards, write_shards
+from pipeline.data.manifest import ShardError, list_shards
+from pipeline.data.shards import write_shards
 from pipeline.mining.refresh import AsyncRefresh, class_means, get_or_create_refresher, resolve_exemplars
 
 MODEL = ModelConfig(backbone="tiny", embedding_dim=16)
@@ -63,7 +64,7 @@ def test_class_means_cap_uses_smallest_keys():
 
 def _reference_class_embeddings(spec: str, state: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Direct torch forward (eval mode) of every exemplar image, averaged per class."""
-    from pipeline.data.stream import decode_images
+    from pipeline.data.decode import decode_images
     from pipeline.models import build_model
 
     model = build_model(MODEL)

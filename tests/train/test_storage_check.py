@@ -120,7 +120,7 @@ def test_shared_relative_and_uri_paths(two_nodes):
     work = two_nodes["work"]
     script = f"""
 import json, ray
-from pipeline.train.driver import StorageError, check_storage
+from pipeline.runtime import StorageError, check_storage
 ray.init()
 out = {{"nodes": len([n for n in ray.nodes() if n["Alive"]])}}
 check_storage({str(work / 'shared' / 'runs')!r})

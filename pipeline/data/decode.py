@@ -1,0 +1,54 @@
+"""JPEG bytes -> uint8 pixels (torchvision's libjpeg-turbo decode), shared by training and inference."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def decode_into(jpgs, out: np.ndarray, flip=None) -> np.ndarray:
+    """Decode JPEG bytes into ``out`` (``(B, size, size, 3)`` uint8, written in place),
+    resizing when needed and mirroring image i left-right when ``flip[i]``.
+
+    Returns a boolean mask of the inputs that decoded; ``out[i]`` is left as it was for the others.
+    The flip rides on the HWC copy that is needed anyway, so it costs nothing extra.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2.functional import resize
+
+    size = out.shape[1]
+    ok = np.zeros(len(jpgs), dtype=bool)
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) if len(b) else None for b in jpgs]
+    decoded = None
+    if all(t is not None for t in tensors) and tensors:
+        try:  # one C++ call for the whole list; it raises if any image is bad
+            decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError):
+            decoded = None
+    for i, t in enumerate(tensors):
+        if decoded is not None:
+            img = decoded[i]
+        else:
+            if t is None:
+                continue
+            try:
+                img = decode_jpeg(t, mode=ImageReadMode.RGB)
+            except (RuntimeError, ValueError):
+                continue
+        if img.shape[1] != size or img.shape[2] != size:
+            img = resize(img, [size, size], antialias=True)
+        hwc = img.permute(1, 2, 0).numpy()
+        out[i] = hwc[:, ::-1] if flip is not None and flip[i] else hwc
+        ok[i] = True
+    return ok
+
+
+def decode_images(jpgs, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode JPEG bytes to ``(B, size, size, 3)`` uint8, resizing when needed.
+
+    Returns the images and a boolean mask of the inputs that decoded (bad ones are dropped
+    from the images, not replaced).
+    """
+    out = np.empty((len(jpgs), size, size, 3), dtype=np.uint8)
+    ok = decode_into(jpgs, out)
+    return (out if ok.all() else out[ok]), ok

@@ -1,0 +1,177 @@
+"""Finding a shard set (its tars, its ``manifest.json``) and what a training job checks in it before it starts.
+
+``jobs.make_shards`` writes ``OUT/manifest.json`` beside ``OUT/train``, ``OUT/holdout`` and
+``OUT/exemplars`` (``pipeline.data.shards``). The guards here run on the driver before Ray
+or an MLflow run starts, so a mistake costs an error message, not a run:
+
+* a ``data.train`` / ``data.eval`` that would take in another split's shards (``data.train=OUT``
+  globs every ``*.tar`` below OUT: held-out and exemplar shards too) is refused, naming the
+  right path;
+* ``data.image_size`` 0 (the default) becomes the size the shards were written at; an
+  explicit size that differs is allowed (every image is then resized at every read) and
+  announced once.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import os
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+"""The shard set's description, ``OUT/manifest.json`` (``pipeline.data.shards.write_shards``)."""
+
+class ShardError(ValueError):
+    """A shard set cannot be found or read (names the path)."""
+
+
+def list_shards(spec: str) -> tuple[list[str], object | None]:
+    """Resolve ``data.train`` / ``data.eval`` into tar paths and a pyarrow filesystem.
+
+    ``spec`` is a local directory (all ``*.tar`` below it), a glob, a single tar, or a URI
+    (``s3://bucket/prefix``) understood by ``pyarrow.fs``. Returns ``(paths, filesystem)``
+    where filesystem is None for local paths. Raises :class:`ShardError` when nothing matches.
+    """
+    if not spec:
+        raise ShardError("no shard location given (set data.train / data.eval)")
+    if "://" in spec:
+        import pyarrow.fs as pafs
+
+        fs, root = pafs.FileSystem.from_uri(spec)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            paths = [root]
+        else:
+            sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+            paths = sorted(i.path for i in fs.get_file_info(sel) if i.path.endswith(".tar"))
+        if not paths:
+            raise ShardError(f"no .tar shards found at '{spec}'")
+        return paths, fs
+    p = Path(spec)
+    if p.is_dir():
+        paths = sorted(str(x) for x in p.rglob("*.tar"))
+    elif p.is_file():
+        paths = [str(p)]
+    else:
+        paths = sorted(globlib.glob(spec))
+    if not paths:
+        raise ShardError(f"no .tar shards found at '{spec}' (run `python -m jobs.make_shards` first)")
+    return paths, None
+
+
+def find_manifest(spec: str) -> dict | None:
+    """Return the manifest of the shard set that ``spec`` points into (its dir or a parent), or None."""
+    root = manifest_dir(spec)
+    return json.loads((root / MANIFEST).read_text()) if root is not None else None
+
+
+FALLBACK_IMAGE_SIZE = 64
+"""``data.image_size`` when it is 0 and the shards keep their source sizes (or have no manifest)."""
+
+SPLIT_OF_KEY = {"data.train": "train", "data.eval": "holdout"}
+"""The split each config key must stay within."""
+
+
+def manifest_dir(spec: str) -> Path | None:
+    """The directory holding the ``manifest.json`` of the shard set ``spec`` points into, or None.
+
+    Looks at ``spec`` (up to its first ``*``) and its two parents; URIs have none here.
+    """
+    if not spec or "://" in spec:
+        return None
+    p = Path(spec.split("*")[0])
+    for d in [p, *p.parents][:3]:
+        if (d / MANIFEST).is_file():
+            return d
+    return None
+
+
+def check_split(spec: str, key: str) -> None:
+    """Refuse a shard spec for config ``key`` that holds shards of another split of its shard set.
+
+    ``key`` is ``data.train`` (must hold only ``train`` shards) or ``data.eval`` (only
+    ``holdout`` shards). Shards the manifest does not list are not judged. Raises ShardError
+    naming the splits it found and the path to use instead; returns quietly for an empty
+    spec, a URI or a shard set without a manifest.
+    """
+    root = manifest_dir(spec)
+    if root is None:
+        return
+    manifest = find_manifest(str(root))
+    split_of = {s["path"]: s["split"] for s in manifest.get("shards", [])}
+    split_of.update({s["path"]: "exemplars" for s in manifest.get("exemplar_shards", [])})
+    want = SPLIT_OF_KEY[key]
+    paths, _ = list_shards(spec)
+    found: dict[str, int] = {}
+    for p in paths:
+        split = split_of.get(os.path.relpath(p, root).replace(os.sep, "/"))
+        if split is not None and split != want:
+            found[split] = found.get(split, 0) + 1
+    if found:
+        what = ", ".join(f"{n} {split} shard{'s' if n > 1 else ''}" for split, n in sorted(found.items()))
+        raise ShardError(f"{key}='{spec}' takes in {what} of the shard set in '{root}'; training and evaluation "
+                         f"must not mix splits: use {key}='{root / want}'")
+
+
+def resolve_image_size(cfg) -> int:
+    """The side ``data.image_size`` means for ``cfg``, announcing a mismatch with the shards once.
+
+    0 -> the ``image_size`` the training shards' manifest records, or
+    :data:`FALLBACK_IMAGE_SIZE` when the shards keep their source sizes. An explicit size
+    that differs from the recorded one is kept (images are resized at every read) and
+    printed. Returns the size.
+    """
+    manifest = find_manifest(cfg.data.train) if cfg.data.train else None
+    written = int((manifest or {}).get("image_size", 0))
+    asked = cfg.data.image_size
+    if asked == 0:
+        if not written:
+            print(f"[train] data.image_size: the shards at '{cfg.data.train}' keep their source sizes; images are "
+                  f"resized to {FALLBACK_IMAGE_SIZE}x{FALLBACK_IMAGE_SIZE} at read time (set data.image_size to "
+                  f"choose)", flush=True)
+        return written or FALLBACK_IMAGE_SIZE
+    if written and asked != written:
+        print(f"[train] note: data.image_size={asked} but the shards at '{cfg.data.train}' were written at "
+              f"{written}x{written}: every image is resized at every read (leave data.image_size at 0 to train at "
+              f"{written})", flush=True)
+    return asked
+
+
+def prepare_data(cfg) -> None:
+    """The data guards of a training job, before anything starts: split checks for
+    ``data.train`` / ``data.eval`` and ``data.image_size`` resolved in ``cfg`` (in place).
+
+    Raises ShardError (see :func:`check_split`).
+    """
+    check_split(cfg.data.train, "data.train")
+    if cfg.data.eval:
+        check_split(cfg.data.eval, "data.eval")
+    cfg.data.image_size = resolve_image_size(cfg)
+
+
+def manifest_images(spec: str) -> int | None:
+    """Images of the train split of the shard set at ``spec``, or None without a manifest."""
+    manifest = find_manifest(spec)
+    return manifest["splits"]["train"]["images"] if manifest else None
+
+
+def class_models(cfg) -> dict[int, int] | None:
+    """Class id -> vehicle model id (-1 unknown) from the shards' manifest, for the Mixed Difference Network.
+
+    The model is an attribute of the vehicle, so the model branch's labels follow from the
+    batch's class labels. Returns None unless ``model.arch`` is ``mixed_diff``; raises
+    ShardError when the manifest or its ``model`` labels are missing. Size: one int pair
+    per class (VehicleID: 26k classes, ~0.5 MB as a Python dict).
+    """
+    if cfg.model.arch != "mixed_diff":
+        return None
+    manifest = find_manifest(cfg.data.train)
+    if manifest is None or "model" not in manifest.get("extra_fields", []):
+        raise ShardError(f"model.arch=mixed_diff needs shards with vehicle model labels and their manifest.json "
+                         f"(python -m jobs.make_shards --layout vehicleid); none found for data.train='{cfg.data.train}'")
+    out = {}
+    for c in manifest["classes"]:
+        m = (c.get("extras") or {}).get("model")
+        out[int(c["id"])] = -1 if m is None else int(m)
+    return out
