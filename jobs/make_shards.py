@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
             raise LayoutError(f"--holdout-fraction does not apply to --layout {args.layout}: its held-out split is fixed")
         if args.layout == "synthetic":
             scan = Scan(synthetic_classes(args.num_classes, args.images_per_class, size, args.seed))
-            size = 0  # generated at that size already
         elif not args.src:
             raise LayoutError(f"--src is required for --layout {args.layout}")
         elif args.layout == "imagefolder":
