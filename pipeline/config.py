@@ -33,11 +33,15 @@ class DataConfig:
     image_size: int = 0
     """Side of the square images fed to the network; 0 = the size the training shards were written at (their manifest), or 64 when they keep source sizes. A size that differs from the shards' is allowed (images are resized at every read) and announced once."""
     decode_concurrency: int = 2
-    """Actors that decode and augment the composed batches (JPEG bytes -> pixels), in parallel."""
+    """Actors per rank that fetch (by index) and decode their rank's slices (JPEG bytes -> pixels), in parallel."""
+    class_sampling: Literal["uniform", "proportional"] = "uniform"
+    """How the planner draws a step's classes without the miner: ``uniform`` among the classes with enough unused samples, or ``proportional`` to what they have left (classes then run out together, fewer leftovers at the end of a pass)."""
+    max_lead: int = 16
+    """Steps the batch planner may plan ahead of the slowest rank's stream (with the miner: at least ``miner.refresh_every``)."""
     augment: bool = True
     """Random horizontal flip during training."""
     epochs: int = 0
-    """Passes over the training shards to stream; 0 = as many as ``train.steps`` needs."""
+    """Passes over the training samples the planner may start; 0 = as many as ``train.steps`` needs (a run that needs more stops with an error)."""
     max_bad_fraction: float = 0.01
     """Stop with an error naming the files when bad samples (every reason except ``small_class``: undecodable or cut JPEGs, missing labels or images, labels outside the manifest, cut tars, empty shards) exceed this fraction of the samples seen; enforced once 200 samples were seen. Bad samples are always skipped, counted per reason (``data/bad_*`` metrics) and listed in the run's ``data_report.json``."""
 
@@ -91,7 +95,7 @@ class MinerConfig:
     refresh_every: int = 20
     """Refresh the class embeddings every this many steps."""
     pool_classes: int = 64
-    """Classes the batch composer holds to choose N from (Sohn's 'large random set of C classes'), mined or not."""
+    """Candidate classes per step that the miner chooses N from (Sohn's 'large random set of C classes'), drawn uniformly from all classes with unused samples."""
     exemplars_per_class: int = 2
     """Images per class embedded at a refresh."""
     index: Literal["flat", "ivf", "hnsw"] = "flat"
@@ -191,6 +195,8 @@ class Config:
             ("train.max_failures", self.train.max_failures >= -1, "must be >= -1 (-1 = no limit)"),
             ("train.checkpoint_every", self.train.checkpoint_every >= 0, "must be >= 0 (0 = only at the end)"),
             ("tracking.retry_s", self.tracking.retry_s >= 0, "must be >= 0"),
+            ("data.max_lead", self.data.max_lead >= 1, "must be >= 1"),
+            ("data.decode_concurrency", self.data.decode_concurrency >= 1, "must be >= 1"),
             ("data.image_size", self.data.image_size == 0 or self.data.image_size >= 16,
              "must be 0 (the shards' size) or >= 16"),
             ("model.embedding_dim", self.model.embedding_dim >= 1, "must be >= 1"),

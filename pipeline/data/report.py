@@ -204,11 +204,6 @@ def write_report(report: dict | str, path: str | os.PathLike, namespace: str | N
     return path
 
 
-def report_name(run_id: str) -> str:
-    """The report actor's name for MLflow run ``run_id``."""
-    return f"data-report-{run_id}"
-
-
 def raise_if_too_bad(name: str, max_bad_fraction: float, exc: BaseException) -> None:
     """After a failed fit: raise the ``DataQualityError`` that report ``name`` shows, from ``exc``.
 

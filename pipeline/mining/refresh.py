@@ -306,20 +306,19 @@ class MinerSession:
     timeout_s: float
     """Seconds the stream waits for the miner before it draws random classes."""
     max_lead: int
-    """Global batches the composer may select ahead of the trainer (the stream's gate)."""
+    """Steps the planner may plan ahead of the slowest rank's stream, so selections use recent embeddings."""
 
     def loop_settings(self) -> dict:
         """The train loop's miner settings."""
         return {"refresher": self.refresher}
 
-    def stream_settings(self) -> tuple:
-        """The stream's ``(MinerClient factory, gate settings)``."""
+    def selector(self, pool_classes: int):
+        """A picklable factory of the planner's selector (``pipeline.mining.selector.MinedSelector``), called with the class labels."""
         import functools
 
-        from pipeline.mining.actor import MinerClient
+        from pipeline.mining.selector import MinedSelector
 
-        client = functools.partial(MinerClient, name=self.miner, timeout_s=self.timeout_s)
-        return client, {"actor": self.refresher, "max_lead": self.max_lead}
+        return functools.partial(MinedSelector, miner=self.miner, pool_classes=pool_classes, timeout_s=self.timeout_s)
 
 
 def start_miner(cfg, uri: str, run_id: str) -> MinerSession:
@@ -330,11 +329,9 @@ def start_miner(cfg, uri: str, run_id: str) -> MinerSession:
     weights (the same every worker starts from), so the first batches are already mined;
     its wall time is logged as ``mine/refresh_s`` at step 0.
 
-    The composer is kept about ``miner.refresh_every`` (at least 16) global batches ahead
-    of the trainer (``pipeline.data.stream._TrainerGate``): unchecked, Ray Data selects the
-    classes of the whole run within seconds, all with the initial embeddings. So a batch's
-    classes are chosen with class embeddings about two refresh intervals old, against at
-    most one in Sohn's in-loop mining.
+    The planner plans at most ``max_lead`` = max(16, ``miner.refresh_every``) steps ahead
+    of the slowest rank's stream (``data.max_lead`` otherwise): unchecked, Ray Data would
+    select the classes of the whole run within seconds, all with the initial embeddings.
 
     Raises ShardError when there are no class-exemplar shards (``data.exemplars``).
     """

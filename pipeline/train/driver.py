@@ -1,7 +1,7 @@
 """The driver side of a training job: the job's story from config to the final metrics.
 
 Check the data -> start or join Ray -> check storage -> open (or reopen) the MLflow run ->
-start the run's actors (miner, data position, bad-input report) -> ``TorchTrainer.fit`` ->
+start the run's actors (miner, batch planner) -> one stream per rank -> ``TorchTrainer.fit`` ->
 log the checkpoint -> evaluate -> end the run. Each step's details live with the module
 that owns them (``pipeline.runtime``, ``pipeline.data.manifest``, ``pipeline.train.
 checkpoint``, ``pipeline.tracking``, ``pipeline.mining.refresh``, ``pipeline.data.report``).
@@ -28,9 +28,9 @@ from ray.train.torch import TorchTrainer
 from pipeline import runtime, tracking
 from pipeline.config import Config, dump_yaml, to_dict
 from pipeline.data import report
-from pipeline.data.manifest import class_models, manifest_images, prepare_data
-from pipeline.data.position import get_or_create_position
-from pipeline.data.stream import build_train_dataset
+from pipeline.data.manifest import class_models, manifest_dir, prepare_data
+from pipeline.data.planner_actor import create_planner, planner_name
+from pipeline.data.stream import build_train_datasets, data_config
 from pipeline.eval.evaluate import evaluate_state
 from pipeline.mining.refresh import start_miner
 from pipeline.models import initial_state
@@ -59,22 +59,26 @@ def run_training(cfg: Config) -> dict:
     resume_from = latest["path"] if latest is not None and not latest["registered"] else None
     name = cfg.train.run_name or f"dml-{run_id[:8]}"
     print(f"[train] MLflow run {run_id} in {uri}; checkpoints in {storage}/{name}", flush=True)
-    status, report_name, report_actor = "FAILED", report.report_name(run_id), None
+    # The planner holds the bad-input report: it sees every planned sample and every bad one.
+    status, report_name, planner = "FAILED", planner_name(run_id), None
     try:
         t0 = time.time()
         # The run's actors live as long as these handles: keep them until fit ends.
         miner = start_miner(cfg, uri, run_id) if cfg.miner.enabled else None
-        ds_miner, gate = miner.stream_settings() if miner else (None, None)
-        position_name = f"position-{run_id}"
-        actors = (miner.actors if miner else []) + [get_or_create_position(position_name)]
-        report_actor = report.create_report(report_name)
-        ds = build_train_dataset(cfg, manifest_images(cfg.data.train), miner=ds_miner, gate=gate,
-                                 position=position_name, report=report_name)
+        lead = max(cfg.data.max_lead, miner.max_lead) if miner else cfg.data.max_lead
+        planner = create_planner(
+            report_name, str(manifest_dir(cfg.data.train) or cfg.data.train), cfg.batch.classes_per_batch,
+            cfg.batch.images_per_class, cfg.scaling.num_workers, cfg.train.seed, sampling=cfg.data.class_sampling,
+            max_lead=lead, max_bad_fraction=cfg.data.max_bad_fraction,
+            selector=miner.selector(cfg.miner.pool_classes) if miner else None,
+            random_every=10 if miner else 0, max_passes=cfg.data.epochs)
+        actors = miner.actors if miner else []
+        datasets = build_train_datasets(cfg, report_name, int(latest["step"]) if latest else 0)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id,
                                "miner": miner.loop_settings() if miner else None,
-                               "class_models": class_models(cfg), "position": position_name,
+                               "class_models": class_models(cfg), "planner": report_name,
                                "resume_from": resume_from},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
@@ -87,7 +91,8 @@ def run_training(cfg: Config) -> dict:
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             ),
-            datasets={"train": ds},
+            datasets=datasets,
+            dataset_config=data_config(),  # rank r reads train_r whole; nothing is split
             torch_config=LoopbackTorchConfig(),  # DDP's rendezvous store on 127.0.0.1 when the workers are
         )
         try:
@@ -118,9 +123,9 @@ def run_training(cfg: Config) -> dict:
         status = "KILLED"
         raise
     finally:
-        if report_actor is not None:
+        if planner is not None:
             report.log_report(uri, run_id, report_name, cfg.train.steps, cfg.tracking.retry_s)
-            ray.kill(report_actor)
+            ray.kill(planner)
         tracking.end_run(uri, run_id, status, retry_s=cfg.tracking.retry_s)
         if status != "FINISHED":
             print(f"[train] run {run_id} ended {status}", file=sys.stderr, flush=True)

@@ -2,7 +2,8 @@
 
 With a directory set, every rank appends one JSON line per trained step to
 ``rank<r>-pid<pid>.jsonl`` there: ``{"rank", "pid", "attempt", "started", "resumed_from",
-"step", "sample_ids"}``. An attempt is one start of the worker group (the first, then each
+"step", "sample_ids", "labels"}`` (``labels[i]`` is the class of ``sample_ids[i]``, so a
+run's batches can be audited from the ledger alone: which classes each rank trained together). An attempt is one start of the worker group (the first, then each
 restart): ``attempt`` is a token rank 0 draws and broadcasts at start, ``started`` rank 0's
 wall clock then, ``resumed_from`` the checkpoint step it started from (0 = fresh).
 A line is written once the step's optimizer update is done, so a worker killed mid-step
@@ -32,10 +33,11 @@ class SampleLedger:
         self.path = os.path.join(directory, f"rank{rank}-pid{self.pid}.jsonl")
         self._f = open(self.path, "a", buffering=1)
 
-    def write(self, step: int, sample_ids) -> None:
-        """Record that this rank trained ``step`` on ``sample_ids`` (a sequence of ints)."""
+    def write(self, step: int, sample_ids, labels=()) -> None:
+        """Record that this rank trained ``step`` on ``sample_ids`` of classes ``labels`` (sequences of ints)."""
         self._f.write(json.dumps({"rank": self.rank, "pid": self.pid, "attempt": self.attempt,
-                                  "started": self.started, "resumed_from": self.resumed_from, "step": step, "sample_ids": [int(i) for i in sample_ids]}) + "\n")
+                                  "started": self.started, "resumed_from": self.resumed_from, "step": step, "sample_ids": [int(i) for i in sample_ids],
+                                  "labels": [int(c) for c in labels]}) + "\n")
 
     def close(self) -> None:
         self._f.close()

@@ -98,38 +98,43 @@ def _resume_state(fallback: str | None) -> dict | None:
         return load_checkpoint_dir(d)
 
 
-def _start_attempt(rank: int, world: int, consumed: np.ndarray, position: str | None) -> tuple[str, float]:
-    """Set the data position before any rank reads its shard; returns the attempt's ``(token, start time)``.
+def _begin_attempt(rank: int, world: int, planner: str, step: int, state: dict | None) -> tuple[str, float]:
+    """Start this worker group's attempt at ``step``; returns the attempt's ``(token, start time)``.
 
-    Rank 0 hands the consumed ids to the position actor, then draws a token naming this
-    worker-group start; a broadcast of the token is also the barrier the other ranks wait at.
+    Rank 0 tells the planner actor where the attempt starts and hands it the checkpoint's
+    planner state (plans the previous attempt made ahead are dropped); then it draws a
+    token naming the attempt, and the broadcast of the token is the barrier the other
+    ranks wait at before they read their streams.
     """
     import uuid
 
-    if rank == 0 and position:
-        _set_position(position, consumed)
+    import ray
+
+    if rank == 0:
+        planner_state = None if state is None else {k: (v.numpy() if torch.is_tensor(v) else v)
+                                                    for k, v in state.items()}
+        ray.get(ray.get_actor(planner).begin.remote(step, planner_state), timeout=120)
     token = [uuid.uuid4().hex[:12], time.time()] if rank == 0 else [None, None]
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(token, src=0)
     return token[0], token[1]
 
 
-def _set_position(name: str, consumed: np.ndarray) -> None:
+def _planner_state(planner: str, step: int) -> dict:
+    """The planner's state as of ``step``, as tensors and ints (``torch.load(weights_only=True)`` reads them back)."""
     import ray
 
-    from pipeline.data.position import get_or_create_position
+    state = ray.get(ray.get_actor(planner).state_dict.remote(step), timeout=120)
+    return {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v) for k, v in state.items()}
 
-    ray.get(get_or_create_position(name).set.remote(consumed), timeout=60)
 
+def _data_metrics(planner: str) -> dict:
+    """The run's ``data/*`` metrics so far, from the planner's bad-input report."""
+    import ray
 
-def _gather_ids(ids: list[np.ndarray], world: int) -> np.ndarray:
-    """The sample ids every rank trained since the last checkpoint, concatenated in rank order (all ranks call it)."""
-    mine = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-    if world == 1 or not torch.distributed.is_initialized():
-        return mine
-    out = [None] * world
-    torch.distributed.all_gather_object(out, mine)
-    return np.concatenate(out).astype(np.int64)
+    from pipeline.data.report import report_metrics
+
+    return report_metrics(ray.get(ray.get_actor(planner).fetch.remote(), timeout=30))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -137,14 +142,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     ``loop_config`` holds ``cfg`` (the config as a dict), ``tracking_uri``, ``run_id``,
     ``miner`` (None, or ``{"refresher": actor name}`` when mining is on), ``class_models``,
-    ``position`` (the name of the data position actor, or None) and ``resume_from`` (a
-    checkpoint path to start from when Ray Train has none, or None).
+    ``planner`` (the name of the batch planner actor) and ``resume_from`` (a checkpoint
+    path to start from when Ray Train has none, or None).
     """
     import ray.train
     import ray.train.torch
 
     from pipeline.config import Config, config_from_dict
-    from pipeline.data.stream import data_metrics
     from pipeline.losses import build_loss
     from pipeline.models import build_model
     from pipeline.tracking import MetricBuffer
@@ -166,18 +170,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cross_rank = cfg.loss.cross_rank if cfg.loss.cross_rank is not None else world > 1
     loss_fn = build_loss(cfg.loss.name, l2_reg=cfg.loss.l2_reg, margin=cfg.loss.margin, cross_rank=cross_rank)
     optimizer = make_optimizer(cfg, model.parameters())
-    step, consumed = 0, np.zeros(0, dtype=np.int64)
+    step, planner_state = 0, None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         set_rng_state(resume["rng"])
-        step, consumed = resume["step"], resume["consumed_ids"].numpy()
+        step, planner_state = resume["step"], resume.get("planner")
         if resume["run_id"] != loop_config["run_id"]:
             raise RuntimeError(f"the checkpoint of step {step} belongs to MLflow run {resume['run_id']}, "
                                f"this job logs to {loop_config['run_id']}: use a new train.run_name")
         if rank == 0:
-            print(f"[train] resuming from the checkpoint of step {step} ({consumed.size} samples consumed)", flush=True)
+            print(f"[train] resuming from the checkpoint of step {step}", flush=True)
     start_step = step
-    attempt, started = _start_attempt(rank, world, consumed, loop_config.get("position"))
+    planner = loop_config["planner"]
+    attempt, started = _begin_attempt(rank, world, planner, step, planner_state)
     if step >= cfg.train.steps:
         return  # the run is complete; nothing to redo
     metrics_out = MetricBuffer(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
@@ -203,18 +208,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for k, v in cm.items():
             model_of_class[int(k)] = int(v)
 
-    shard = ray.train.get_dataset_shard("train")
-    t_last, t_wait, losses, fresh_ids, has_ids = time.perf_counter(), 0.0, [], [], None
+    # Rank r reads only its own stream: row i of train_r is slice r of plan (job start + i).
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
+    t_last, t_wait, losses = time.perf_counter(), 0.0, []
     t_fetch = time.perf_counter()
     for batch in shard.iter_torch_batches(batch_size=1, prefetch_batches=2):
+        if bool(batch["end"][0]):
+            break  # the planner ran out of passes (data.epochs): reported below
+        if bool(batch["skip"][0]):
+            continue  # a step before this attempt's start (the streams start where the job started)
+        if int(batch["step"][0]) != step:
+            raise RuntimeError(f"rank {rank} got the slice of step {int(batch['step'][0])} while at step {step}: "
+                               f"the stream lost its order")
         t_wait += time.perf_counter() - t_fetch
         images = batch["images"][0].to(device, non_blocking=True)
         labels = batch["labels"][0].to(device)
-        if has_ids is None:
-            has_ids = batch.get("sample_ids") is not None
-            if not has_ids and rank == 0:
-                print("[train] the stream's rows carry no sample_ids: no data position in checkpoints, "
-                      "no sample ledger", flush=True)
         model.train()
         branch = {}
         if model_of_class is not None:
@@ -233,12 +241,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.step()
         step += 1
         losses.append(loss.item())
-        if has_ids:
+        if ledger is not None:
             ids = batch["sample_ids"][0].cpu().numpy().astype(np.int64)
-            ids = ids[ids >= 0]  # -1: a slot the stream filled with a copy of another image, not a sample
-            fresh_ids.append(ids)
-            if ledger is not None:
-                ledger.write(step, ids)
+            keep = ids >= 0  # -1: a slot the stream filled with a copy of another image, not a sample
+            ledger.write(step, ids[keep], batch["labels"][0].cpu().numpy()[keep])
         if metrics_out is not None:
             t_mine = time.perf_counter()
             row = {"train/loss": losses[-1], **branch, **_mining_metrics(batch, emb, labels, _unwrap(model), step)}
@@ -254,8 +260,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     row["mine/refresh_skipped"] = refresher.skipped
                     row["mine/refresh_failed"] = refresher.failed
             row["mine/rank0_overhead_ms"] = 1000.0 * (time.perf_counter() - t_mine)
-            if "bad_counts" in batch and (step % cfg.train.log_every == 0 or step >= cfg.train.steps):
-                row.update(data_metrics(batch))  # cumulative skipped-sample counts per reason
+            if step % cfg.train.log_every == 0 or step >= cfg.train.steps:
+                row.update(_data_metrics(planner))  # the run's skipped-sample counts per reason so far
             metrics_out.add(step, row)
         last = step >= cfg.train.steps
         want_ckpt = last or bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
@@ -273,24 +279,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics_out.flush()
                 print(f"[train] step {step}/{cfg.train.steps} loss {m['loss']:.4f} "
                       f"{m['images_per_s']:.0f} img/s data-wait {100 * m['data_wait_frac']:.0f}%", flush=True)
-            if want_ckpt:
-                if metrics_out is not None and not metrics_out.failing:
-                    # The steps this checkpoint covers will not be redone: get their metrics
-                    # into MLflow before a failure can lose them (bounded; no wait during an outage).
-                    metrics_out.flush(wait_s=30.0)
-                # A collective: every rank gathers at the same (deterministic) step.
-                consumed = np.concatenate([consumed, _gather_ids(fresh_ids, world)])
-                fresh_ids = []
+            if want_ckpt and metrics_out is not None and not metrics_out.failing:
+                # The steps this checkpoint covers will not be redone: get their metrics
+                # into MLflow before a failure can lose them (bounded; no wait during an outage).
+                metrics_out.flush(wait_s=30.0)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if want_ckpt and rank == 0:
                     # Written completely (model.pt, then meta.json) before Ray sees the directory.
+                    # The planner's state as of this step: where every rank's stream goes on.
                     save_checkpoint(tmp, _unwrap(model), optimizer, step, loop_config["run_id"],
-                                    consumed_ids=consumed, world_size=world)
+                                    planner_state=_planner_state(planner, step), world_size=world)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(m, checkpoint=ckpt)
-            if want_ckpt and rank == 0 and loop_config.get("position"):
-                _set_position(loop_config["position"], consumed)
             t_last, t_wait, losses = time.perf_counter(), 0.0, []
         if last:
             break

@@ -1,49 +1,171 @@
-"""The Ray Data stream on a real local Ray: N-pair rows, equal counts per rank."""
+"""Per-rank streams on a real local Ray: each rank's row of step s is exactly its slice of plan s.
+
+The reference is an in-process BatchPlanner with the same arguments: the streams must
+deliver its plans, whole, in step order, on every rank.
+"""
 
 from __future__ import annotations
 
-import json
+import shutil
 import threading
+import uuid
 
 import numpy as np
+import pytest
 
 from pipeline.config import load_config
-from pipeline.data.reader import decode_sample_ids
-from pipeline.data.stream import build_train_dataset
+from pipeline.data.index import class_ranges, load_index
+from pipeline.data.planner import BatchPlanner
+from pipeline.data.planner_actor import create_planner
+from pipeline.data.stream import build_train_datasets, data_config
+
+N, M, W = 4, 2, 2
 
 
-def test_stream_gives_equal_npair_batches_per_rank(ray_local, tiny_shards):
-    cfg = load_config(None, [f"data.train={tiny_shards}/train", "data.image_size=32", "batch.classes_per_batch=4",
-                             "scaling.num_workers=2", "miner.pool_classes=8", "data.epochs=2", "train.seed=3"])
-    ds = build_train_dataset(cfg)
-    splits = ds.streaming_split(2, equal=True)
-    rows: list[list[dict]] = [[], []]
+def _cfg(train, steps, workers=W, extra=()):
+    return load_config(None, [f"data.train={train}", "data.image_size=32", f"batch.classes_per_batch={N}",
+                              f"scaling.num_workers={workers}", f"train.steps={steps}", "train.seed=3",
+                              "data.decode_concurrency=2", *extra])
 
-    def consume(i):
-        for b in splits[i].iter_batches(batch_size=1, batch_format="numpy"):
-            rows[i].append({"images": b["images"][0], "labels": b["labels"][0], "sample_ids": b["sample_ids"][0],
-                            "bad_counts": b["bad_counts"][0]})
 
-    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+def _planner(root, cfg, **kw):
+    name = f"planner-test-{uuid.uuid4().hex[:8]}"
+    return name, create_planner(name, str(root), N, M, cfg.scaling.num_workers, cfg.train.seed, **kw)
+
+
+def _reference(root, workers=W, seed=3):
+    ids, starts, counts = class_ranges(load_index(str(root), "train"))
+    keep = counts >= M
+    return BatchPlanner(ids[keep], starts[keep], counts[keep], classes_per_batch=N, images_per_class=M,
+                        world_size=workers, seed=seed, max_lead=64)
+
+
+def _consume(datasets) -> list[list[dict]]:
+    rows = [[] for _ in datasets]
+
+    def run(i, ds):
+        for b in ds.iter_batches(batch_size=1, batch_format="numpy"):
+            rows[i].append({k: v[0] for k, v in b.items()})
+
+    threads = [threading.Thread(target=run, args=(i, ds)) for i, ds in enumerate(datasets.values())]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
-    assert len(rows[0]) == len(rows[1]) > 0
-    # 20 train classes x 8 images x 2 epochs = 320 images; a batch per rank holds 2 classes x 2.
-    total = sum(len(r) for r in rows) * 4
-    assert 160 <= total <= 320
-    for r in rows[0] + rows[1]:
-        assert r["images"].shape == (4, 32, 32, 3) and r["images"].dtype == np.uint8
+        t.join(timeout=240)
+    return rows
+
+
+def test_every_rank_gets_its_slice_of_every_planned_step(ray_local, tiny_shards):
+    ray = ray_local
+    steps = 12
+    cfg = _cfg(tiny_shards / "train", steps)
+    name, actor = _planner(tiny_shards, cfg)
+    ray.get(actor.begin.remote(0, None))
+    datasets = build_train_datasets(cfg, name, 0)
+    assert sorted(datasets) == ["train_0", "train_1"]
+    rows = _consume(datasets)
+    ref = _reference(tiny_shards)
+    seen = []
+    for rank in range(W):
+        assert [int(r["step"]) for r in rows[rank]] == list(range(steps)), "one row per step, in step order"
+    for s in range(steps):
+        plan = ref.plan(s)
+        got = np.concatenate([rows[r][s]["sample_ids"] for r in range(W)])
+        assert np.array_equal(got, plan.sample_ids), f"step {s}: the ranks' rows are not plan {s}"
+        assert np.array_equal(np.concatenate([rows[r][s]["labels"] for r in range(W)]), plan.labels)
+        a, b = (set(rows[r][s]["labels"].tolist()) for r in range(W))
+        assert len(a) == len(b) == N // W and not a & b
+        for r in range(W):
+            assert rows[r][s]["images"].shape == (N // W * M, 32, 32, 3) and rows[r][s]["images"].any()
+            assert not rows[r][s]["skip"] and not rows[r][s]["bad"].any()
+        for r in range(W):
+            ref.take(s, r)
+        seen += got.tolist()
+    assert len(seen) == len(set(seen)) == steps * N * M  # one pass holds them all: no sample twice
+    ray.kill(actor)
+
+
+def test_a_resumed_attempt_skips_earlier_steps_and_continues_the_plans(ray_local, tiny_shards):
+    ray = ray_local
+    steps, start = 10, 6
+    ref = _reference(tiny_shards, workers=1)
+    for s in range(start):
+        ref.plan(s)
+    state = ref.state_dict(start)
+    cfg = _cfg(tiny_shards / "train", steps, workers=1)
+    name, actor = _planner(tiny_shards, cfg)
+    ray.get(actor.begin.remote(start, state))
+    rows = _consume(build_train_datasets(cfg, name, 2))  # the job started at step 2, the attempt at 6
+    assert [int(r["step"]) for r in rows[0]] == list(range(2, steps))
+    assert [bool(r["skip"]) for r in rows[0]] == [True] * (start - 2) + [False] * (steps - start)
+    for r in rows[0][start - 2:]:
+        assert np.array_equal(r["sample_ids"], ref.plan(int(r["step"])).sample_ids)
+    ray.kill(actor)
+
+
+@pytest.fixture(scope="module")
+def corrupt_set(tiny_shards, tmp_path_factory):
+    """A copy of tiny_shards whose first train shard has two JPEG payloads overwritten in place
+    (same length, so the index still matches): one without the JPEG start marker, one cut short."""
+    out = tmp_path_factory.mktemp("corrupt") / "set"
+    shutil.copytree(tiny_shards, out)
+    index = load_index(str(out), "train")
+    path = out / "train" / index.paths[0].split("/")[-1] if "/" in index.paths[0] else out / index.paths[0]
+    path = path if path.exists() else out / "train" / sorted(p.name for p in (out / "train").glob("*.tar"))[0]
+    raw = bytearray(path.read_bytes())
+    first = np.flatnonzero(index.shard == 0)[:2]
+    o, n = int(index.offset[first[0]]), int(index.size[first[0]])
+    raw[o:o + n] = b"\x00" * n  # corrupt_image
+    o, n = int(index.offset[first[1]]), int(index.size[first[1]])
+    raw[o + n - 64:o + n] = b"\x00" * 64  # truncated_image (no end-of-image marker)
+    path.write_bytes(bytes(raw))
+    return out, [int(i) for i in first], path
+
+
+def test_bad_samples_are_replaced_by_classmates_and_counted(ray_local, corrupt_set):
+    ray = ray_local
+    root, bad_ids, shard = corrupt_set
+    steps = 16  # 16 x 8 of the 160 train samples (one pass): the test checks that a bad one was drawn
+    cfg = _cfg(root / "train", steps, workers=1)
+    name, actor = _planner(root, cfg)
+    ray.get(actor.begin.remote(0, None))
+    rows = _consume(build_train_datasets(cfg, name, 0))[0]
+    trained = np.concatenate([r["sample_ids"] for r in rows])
+    bad = np.sum([r["bad"] for r in rows], axis=0)
+    hit = [i for i in bad_ids if i in _planned_ids(root, steps)]
+    assert hit, "the plans never drew a corrupted sample: pick another seed"
+    assert not set(bad_ids) & set(trained.tolist())
+    assert (trained >= 0).all() and len(set(trained.tolist())) == len(trained)
+    for r in rows:  # whole slices: N/W classes x M, pairs of one class
         labels = r["labels"]
-        assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
-    # Every sample at most once per pass, and the id names the pass and the shard it came from.
-    ids = np.concatenate([r["sample_ids"] for rr in rows for r in rr])
-    assert len(set(ids.tolist())) == len(ids) and (ids >= 0).all()
-    passes, shard, _ = decode_sample_ids(ids)
-    assert set(passes.tolist()) == {0, 1} and shard.max() < 4
-    assert all(not r["bad_counts"].any() for rr in rows for r in rr)
-    seen = {c for rr in rows for r in rr for c in r["labels"].tolist()}
-    manifest = json.loads((tiny_shards / "manifest.json").read_text())
-    train_ids = {c["id"] for c in manifest["classes"] if c["split"] == "train"}
-    assert seen <= train_ids and len(seen) >= 15
+        assert (labels[0::2] == labels[1::2]).all() and len(set(labels.tolist())) == N
+    report = ray.get(actor.fetch.remote())
+    assert int(bad.sum()) == report["counts"]["corrupt_image"] + report["counts"]["truncated_image"] == len(hit)
+    assert {i["shard"] for i in report["items"] if i["reason"] != "small_class"} <= {str(shard)} | {
+        p for p in load_index(str(root), "train").paths}
+    ray.kill(actor)
+
+
+def _planned_ids(root, steps) -> set[int]:
+    ref = _reference(root, workers=1)
+    return {int(i) for s in range(steps) for i in ref.plan(s).sample_ids}
+
+
+def test_too_many_bad_samples_stop_the_stream_naming_the_shard(ray_local, corrupt_set):
+    ray = ray_local
+    root, _, shard = corrupt_set
+    cfg = _cfg(root / "train", 40, workers=1, extra=["data.max_bad_fraction=0.001"])
+    name, actor = _planner(root, cfg, max_bad_fraction=0.001)
+    ray.get(actor.begin.remote(0, None))
+    ds = build_train_datasets(cfg, name, 0)["train_0"]
+    with pytest.raises(Exception) as e:
+        for _ in ds.iter_batches(batch_size=1, batch_format="numpy"):
+            pass
+    msg = str(e.value)
+    assert "DataQualityError" in msg and "above data.max_bad_fraction=0.001" in msg and shard.name in msg
+    ray.kill(actor)
+
+
+def test_data_config_keeps_order_and_splits_nothing():
+    dc = data_config()
+    assert dc._datasets_to_split == [] and dc._resolve_execution_options("train_0").preserve_order

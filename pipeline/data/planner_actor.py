@@ -1,0 +1,197 @@
+"""The run's batch planner as a named Ray actor: one answer per (step, rank) for the whole cluster.
+
+A thin shell around :class:`pipeline.data.planner.BatchPlanner` (plain Python, unit-tested
+without Ray). It adds what a cluster needs:
+
+* **Attempts.** Every worker-group start (a fresh job, a rerun of ``train.run_name``, or Ray
+  Train's restart after a failure) begins with rank 0 calling :meth:`PlannerActor.begin`
+  with the step it resumes at and the planner state of that checkpoint (None: a fresh
+  run). Plans made ahead by the previous attempt are dropped, the state is restored, and
+  the other ranks wait at a barrier before they read their streams. Steps before the
+  attempt's start are answered ``skip`` (a restarted worker group's streams start where
+  the job started), so they cost a range row, never a read.
+* **Lead.** A rank's stream may run ahead; a slice more than ``max_lead`` steps ahead of
+  the slowest rank is answered ``wait`` (the fetch stage sleeps and asks again), so every
+  plan is made with class embeddings at most that old and plans kept in memory stay bounded.
+* **Bad input.** Fetch reports a bad sample with :meth:`PlannerActor.replace`: it is counted
+  per reason in the run's report (``pipeline.data.report``) and replaced by another unused
+  sample of its class, so every slice stays whole. Samples the index left out (no image,
+  no label, unknown label) and classes too small to pair are counted at start.
+* **The report.** The planner is the one place that sees every planned sample, so it holds
+  the bad-input report (``fetch``: the dict of :func:`pipeline.data.report.fetch_report`)
+  and enforces ``data.max_bad_fraction``.
+
+Size: the planner's state (per-class cursors, O(classes)) plus the plans in flight
+(``max_lead`` x N x M ids); the index it reads is memory-mapped by the fetch stage, not held here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pipeline.data.report import DataQualityError, DataReport, check_bad_fraction
+
+
+class PlannerActor:
+    """Ray actor wrapping a :class:`BatchPlanner` over the train split's index (see the module docstring).
+
+    ``selector``: None (``sampling`` picks uniform or proportional), or a picklable factory
+    called with the kept classes' labels that returns a planner selector (the miner's,
+    ``pipeline.mining.selector``). ``random_every`` > 0: every that many steps rank 0's slice
+    also carries a *side* batch of the same shape, N/W classes drawn uniformly with M
+    samples each, not consumed (its own rng), to measure how much harder the planned batch is.
+    ``max_passes`` > 0 (``data.epochs``): slices past that many passes are answered ``end``.
+    """
+
+    def __init__(self, index_root: str, classes_per_batch: int, images_per_class: int, world_size: int, seed: int,
+                 sampling: str = "uniform", max_lead: int = 64, max_bad_fraction: float = 1.0,
+                 selector=None, random_every: int = 0, max_passes: int = 0) -> None:
+        from pipeline.data.index import class_ranges, load_index
+
+        index = load_index(index_root, "train")
+        self.paths = list(index.paths)
+        class_ids, starts, counts = class_ranges(index)
+        self.report = DataReport()
+        self._count_left_out(index, class_ids, counts, images_per_class)
+        keep = counts >= images_per_class
+        self.ranges = (class_ids[keep], starts[keep], counts[keep])
+        self.selector = selector(self.ranges[0]) if selector is not None else None
+        self.args = dict(classes_per_batch=classes_per_batch, images_per_class=images_per_class,
+                         world_size=world_size, seed=seed, sampling=sampling, max_lead=max_lead,
+                         selector=self.selector)
+        self.index_shard = np.asarray(index.shard)
+        self.max_bad_fraction, self.random_every, self.max_passes = max_bad_fraction, random_every, max_passes
+        self.planner = None
+        self.start, self.attempt, self.seen = 0, 0, 0
+        self.selected: dict[int, dict] = {}  # step -> the miner's answer when it was planned
+
+    def _count_left_out(self, index, class_ids, counts, m: int) -> None:
+        import json
+        from pathlib import Path
+
+        header = json.loads((Path(index.root) / f"index-{index.split}.json").read_text())
+        items = [(s["shard"], s["key"], s["reason"]) for s in header.get("skipped", [])]
+        for cid, n in zip(class_ids, counts):
+            if n < m:
+                items += [(f"class {int(cid)}", f"{int(n)} image(s)", "small_class")] * int(n)
+        self.report.add(items)
+
+    def begin(self, start_step: int, state: dict | None) -> int:
+        """Start an attempt at ``start_step`` from a checkpoint's planner ``state`` (None: fresh). Returns its number.
+
+        Raises ValueError when a fresh start is asked at a step > 0 (a checkpoint without
+        planner state: an older format).
+        """
+        from pipeline.data.planner import BatchPlanner
+
+        if state is None:
+            if start_step:
+                raise ValueError(f"resuming at step {start_step} needs the checkpoint's planner state; this "
+                                 f"checkpoint has none (written by an older version): use a new train.run_name")
+            self.planner = BatchPlanner(*self.ranges, **self.args)
+        else:
+            state = {k: (np.asarray(v) if hasattr(v, "__len__") else int(v)) for k, v in state.items()}
+            self.planner = BatchPlanner.from_state(*self.ranges, state=state, **self.args)
+        self.start, self.selected = int(start_step), {}
+        self.attempt += 1
+        return self.attempt
+
+    def slice(self, step: int, rank: int) -> dict:
+        """Rank ``rank``'s part of plan ``step`` (raises DataQualityError past ``data.max_bad_fraction``): ``{"sample_ids", "labels"}`` (+ ``side_ids``,
+        ``side_labels`` and the miner's ``select`` info on rank 0), or ``{"skip": True}`` for a
+        step before this attempt's start, ``{"wait": True}`` when it is too far ahead (or no
+        attempt has begun), ``{"end": True}`` past ``max_passes``."""
+        if self.planner is None:
+            return {"wait": True}
+        if step < self.start:
+            return {"skip": True}
+        if not self.planner.can_plan(step):
+            return {"wait": True}
+        before = self.planner.next_step
+        t0 = time.perf_counter()
+        plan = self.planner.plan(step)
+        if self.planner.next_step > before:
+            per_step = self.args["classes_per_batch"] * self.args["images_per_class"]
+            self.seen += (self.planner.next_step - before) * per_step
+            self.report.add([], seen=self.seen)
+            self._check()
+            if self.selector is not None:
+                self.selected[step] = {"select_ms": 1000.0 * (time.perf_counter() - t0),
+                                       "miner_version": int(getattr(self.selector, "last_version", -1)),
+                                       "fallbacks": int(getattr(self.selector, "fallbacks", 0))}
+        if self.max_passes and plan.pass_index >= self.max_passes:
+            return {"end": True}
+        part = plan.slice(rank)
+        out = {"sample_ids": part.sample_ids, "labels": part.labels}
+        if rank == 0:
+            out.update(self.selected.pop(step, {}))
+            if self.random_every and step % self.random_every == 0:
+                out["side_ids"], out["side_labels"] = self._side(step, len(part.sample_ids))
+        return out
+
+    def _side(self, step: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        labels, starts, counts = self.ranges
+        m = self.args["images_per_class"]
+        rng = np.random.default_rng([self.args["seed"], step, 0x51DE])
+        classes = rng.choice(len(labels), size=size // m, replace=False)
+        ids = np.concatenate([starts[c] + rng.choice(counts[c], size=m, replace=False) for c in classes])
+        return ids.astype(np.int64), np.repeat(labels[classes], m).astype(np.int64)
+
+    def done(self, step: int, rank: int) -> None:
+        """Rank ``rank``'s stream has its slice of ``step`` (after its last ``replace``)."""
+        if self.planner is not None and step >= self.start:
+            try:
+                self.planner.take(step, rank)
+            except ValueError:
+                pass  # a slice of the previous attempt, delivered after begin(): nothing to take
+
+    def replace(self, step: int, rank: int, sample_id: int, reason: str, key: str = "") -> int:
+        """Count ``sample_id`` as bad for ``reason`` and return another unused sample of its class (-1: none left).
+
+        Raises DataQualityError once bad samples exceed ``data.max_bad_fraction``.
+        """
+        shard = self.paths[int(self.index_shard[sample_id])]
+        self.report.add([(shard, key or f"sample {sample_id}", reason)])
+        new = self.planner.replace(step, rank, int(sample_id))
+        self._check()
+        return -1 if new is None else int(new)
+
+    def _check(self) -> None:
+        """Raise DataQualityError when the bad fraction so far exceeds ``data.max_bad_fraction``."""
+        r = self.report
+        check_bad_fraction(r.counts, r.seen, self.max_bad_fraction, r.items)
+
+    def state_dict(self, step: int) -> dict:
+        """The planner's state as of ``step`` (for a checkpoint of that step), as numpy arrays and ints."""
+        return self.planner.state_dict(step)
+
+    def fetch(self) -> dict:
+        """The bad-input report (``pipeline.data.report.fetch_report``'s dict), with the finished passes' leftovers as ``unused``."""
+        out = self.report.fetch()
+        out["unused"] = int(sum(self.planner.unused)) if self.planner is not None else 0
+        out["pass"] = int(self.planner.pass_index) if self.planner is not None else 0
+        return out
+
+
+def create_planner(name: str, *args, **kwargs):
+    """The run's named :class:`PlannerActor` (restarted by Ray if its process dies); returns the handle.
+
+    Keep the handle referenced while training runs. A restarted actor starts empty and
+    answers ``wait`` until the next attempt's :meth:`PlannerActor.begin`; the train loop
+    fails its attempt when the planner stops answering, and Ray Train restarts from the
+    last checkpoint (``train.max_failures``).
+    """
+    import ray
+
+    cls = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=0)(PlannerActor)
+    return cls.options(name=name, get_if_exists=True).remote(*args, **kwargs)
+
+
+__all__ = ["DataQualityError", "PlannerActor", "create_planner", "planner_name"]
+
+
+def planner_name(run_id: str) -> str:
+    """The planner actor's name for MLflow run ``run_id``."""
+    return f"planner-{run_id}"
