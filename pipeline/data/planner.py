@@ -23,7 +23,9 @@ What it owns
 * **Plans.** ``plan(step)`` draws ``classes_per_batch`` (N) distinct *active* classes
   (those with >= ``images_per_class`` (M) unused good samples left this pass) through a
   pluggable :class:`Selector`, takes the next M positions of each, and returns a
-  :class:`StepPlan` cut into ``world_size`` (W) slices of N/W classes. Steps are planned in
+  :class:`StepPlan` cut into ``world_size`` (W) slices of N/W classes. Random selection is
+  :func:`select_uniform` or, so that classes run out together, proportional to what each
+  class has left (drawn by rejection against the largest count left, ~O(N)). Steps are planned in
   order; every ask for a planned step gets the same object. A plan is dropped once every
   rank has called ``take(step, rank)``.
 * **The lead.** ``plan(step)`` raises :class:`PlanAhead` when ``step`` is more than
@@ -48,17 +50,20 @@ across a pass boundary). A replacement made after ``step`` was planned for an ea
 already-trained step cannot be undone (its sample was trained); it is put in the state as
 *deferred* (after which planned step it happened, and what it drew), and a restored
 planner re-applies it at that same point, so the plans from ``step`` on equal those of
-the uninterrupted planner.
+the uninterrupted planner. Because undo runs in reverse time order, cursors come back
+exactly and no list of given-back positions ("holes") is needed.
 
 The state is a flat ``dict[str, int | np.ndarray]`` of integer arrays and Python ints: it
 survives ``np.savez``/``np.load(allow_pickle=False)``; for a ``torch.load(weights_only=True)``
 checkpoint convert each array with ``torch.from_numpy`` (and back with ``.numpy()``).
-Its size is ``4 * (C + A) + 5 * 8 * (bad + 2 * deferred)`` bytes, with C classes and A
+Its size is ``4 * (C + A) + 40 * bad + 56 * deferred`` bytes, with C classes and A
 <= C active classes (their order is kept, see ``_PassState``): at CASIA-WebFace (10,575
 classes) at most 85 KB, at WebFace42M (2M classes) at most 16 MB, whatever the pass or
 step (the old consumed-id list was 123 MB at CASIA and grew by the epoch). In memory the
-planner holds about 70 bytes per class (140 MB at 2M classes), plus one copy of the
-per-class arrays for a pass that ended within the last ``rewind_window`` steps.
+planner holds three int64 and five int32 arrays per class, 44 bytes (88 MB at 2M classes),
+one more copy of the int32 ones for a pass that ended within the last ``rewind_window``
+steps, and ~16 * N bytes of undo record per step of that window (3 MB at N = 192 and
+the default window of 1,024 steps).
 
 This module knows nothing of Ray or torch.
 """
@@ -66,7 +71,6 @@ This module knows nothing of Ray or torch.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -307,10 +311,11 @@ class BatchPlanner:
         ``class_ids[i]``, ``starts[i]``, ``counts[i]``: label and sample id range of class i
         (ranges must not overlap). ``classes_per_batch``: N, global; ``images_per_class``:
         M; ``world_size``: W, which must divide N. ``sampling`` picks the built-in selector
-        (:func:`select_uniform` or :func:`select_proportional`); ``selector``, when given,
-        replaces it. ``max_lead``: how many steps past the slowest rank's next untaken step
-        may be planned. ``rewind_window``: how many steps behind the slowest rank
-        ``state_dict`` can still rewind to (each costs ~N * 12 bytes of undo record).
+        (:func:`select_uniform` or :func:`select_proportional`, the latter drawn by the
+        planner's faster equivalent); ``selector``, when given, replaces it. ``max_lead``:
+        how many steps past the slowest rank's next untaken step may be planned.
+        ``rewind_window``: how many steps behind the slowest rank ``state_dict`` can still
+        rewind to (each costs ~N * 16 bytes of undo record).
 
         Raises ValueError naming the argument: arrays not 1-D integer of one length, ranges
         overlapping or negative, duplicate labels, N < 1, W < 1, N % W != 0, M < 1,
@@ -370,7 +375,8 @@ class BatchPlanner:
         self.selector: Selector = selector
         self._bad: dict[int, tuple[int, int]] = {}  # bad id -> (class, first pass that skips it)
         self._unused: list[int] = []
-        self._reset(0, 0)
+        self._pass = self._fresh_pass(0)
+        self._start_log(0)
 
     # ---- public API -------------------------------------------------------------------
 
@@ -507,9 +513,12 @@ class BatchPlanner:
     def state_dict(self, step: int) -> dict[str, int | np.ndarray]:
         """The planner's position as of ``step``: as if steps >= ``step`` had never been planned.
 
-        Returns a flat dict of Python ints and integer NumPy arrays (see the module
-        docstring for its size and how to checkpoint it). Raises ValueError when ``step`` is
-        past ``next_step`` or older than the undo records kept (``rewind_window``).
+        Replacements made for steps < ``step`` after ``step`` was planned are kept as
+        deferred (see the module docstring); those made for steps >= ``step`` are dropped,
+        as the restored run fetches those samples again and replaces them again. Returns a
+        flat dict of Python ints and integer NumPy arrays (see the module docstring for its
+        size and how to checkpoint it). Raises ValueError when ``step`` is past
+        ``next_step`` or older than the undo records kept (``rewind_window``).
         """
         if step > self._next_step:
             raise ValueError(f"step {step} is not planned yet (next step to plan: {self._next_step})")
@@ -673,11 +682,6 @@ class BatchPlanner:
         self._passes: dict[int, _PassState] = {self._pass.index: self._pass}
         self._pending: deque[np.ndarray] = deque()
 
-    def _reset(self, index: int, step: int) -> None:
-        """Start pass ``index`` (used at construction; later passes go through ``_new_pass``)."""
-        self._pass = self._fresh_pass(index)
-        self._start_log(step)
-
     def _fresh_pass(self, index: int) -> _PassState:
         num = self.num_classes
         skip = frozenset(i for i, (_, f) in self._bad.items() if f <= index)
@@ -806,7 +810,7 @@ class BatchPlanner:
         self._plans[step] = plan
         self._next_step = step + 1
         while self._pending and self._pending[0][0] == step:
-            after, old_step, pass_index, cls, bad_id, bad_from, drawn = (int(v) for v in self._pending.popleft())
+            _after, old_step, pass_index, cls, bad_id, bad_from, drawn = (int(v) for v in self._pending.popleft())
             held = pass_index in self._passes
             got = self._apply_replace(old_step, pass_index, cls, bad_id, bad_from, replayed=drawn)
             if held and (got if got is not None else -1) != drawn:

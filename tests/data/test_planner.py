@@ -3,12 +3,19 @@ uniform-sampling statistics on a CASIA-WebFace-shaped manifest, exact rewind/res
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
 import pytest
 
-from pipeline.data.planner import BatchPlanner, PlanAhead, _permute, select_proportional, select_uniform
+from pipeline.data.planner import (
+    BatchPlanner,
+    PlanAhead,
+    _permute,
+    select_proportional,
+    select_uniform,
+)
 
 
 def manifest(num_classes: int, low: int, high: int, seed: int = 0, gap: int = 3):
@@ -29,8 +36,17 @@ def casia_like():
     return np.arange(10_575), np.concatenate([[0], np.cumsum(counts)[:-1]]), counts
 
 
+@functools.cache
+def casia_pass(sampling: str) -> tuple[list[np.ndarray], int]:
+    """The classes of every step of pass 0 on :func:`casia_like` with N = 192, M = 2, W = 8,
+    and the samples the pass left unused (computed once per mode for the tests below)."""
+    p = BatchPlanner(*casia_like(), classes_per_batch=192, images_per_class=2, world_size=8, seed=1,
+                     sampling=sampling, max_lead=10**6)
+    return [plan.classes for plan in run_pass(p, 0)], p.unused[0]
+
+
 def planner(m, **kw):
-    args = dict(classes_per_batch=6, images_per_class=2, world_size=3, seed=5, max_lead=10**6)
+    args = {"classes_per_batch": 6, "images_per_class": 2, "world_size": 3, "seed": 5, "max_lead": 10**6}
     args.update(kw)
     return BatchPlanner(*m, **args)
 
@@ -116,19 +132,16 @@ def test_a_pass_uses_every_good_sample_once_up_to_the_counted_unused():
 
 
 def test_uniform_mode_on_a_casia_like_manifest_shares_classes_at_the_uniform_rate_and_draws_every_class():
-    ids, starts, counts = casia_like()
+    counts = casia_like()[2]
     assert 45 < counts.mean() < 50 and counts.min() == 2 and counts.max() == 800
     n, m = 192, 2
-    p = BatchPlanner(ids, starts, counts, classes_per_batch=n, images_per_class=m, world_size=8, seed=1, max_lead=10**6)
+    steps, unused = casia_pass("uniform")
     left = counts.copy()  # the reference: samples left per class, from the plans alone
     prev = None
     observed = expected = variance = 0.0
     early = []
     drawn = np.zeros(counts.size, dtype=bool)
-    while True:
-        plan = p.plan(p.next_step)
-        if plan.pass_index:
-            break
+    for step, classes in enumerate(steps):
         active = left >= m
         a = int(active.sum())
         if prev is not None:
@@ -136,34 +149,28 @@ def test_uniform_mode_on_a_casia_like_manifest_shares_classes_at_the_uniform_rat
             # that are still active are hit hypergeometrically: mean N*k/A, variance below it
             k = int(active[prev].sum())
             mean = n * k / a
-            overlap = np.intersect1d(prev, plan.classes).size
+            overlap = np.intersect1d(prev, classes).size
             observed += overlap
             expected += mean
             variance += mean * (1 - k / a) * (a - n) / (a - 1)
-            if plan.step <= 200:
+            if step <= 200:
                 early.append(overlap)
-        assert active[plan.classes].all()
-        left[plan.classes] -= m
-        drawn[plan.classes] = True
-        prev = plan.classes
-        for r in range(8):
-            p.take(plan.step, r)
+        assert active[classes].all()
+        left[classes] -= m
+        drawn[classes] = True
+        prev = classes
+    assert (left >= m).sum() < n  # the pass ended when it had to
     # at the start A ~ 10.5k: N*N/A = 3.49 shared classes per step; over 200 steps the mean's sd is ~0.13
     assert abs(np.mean(early) - n * n / counts.size) < 0.6
     # over the whole pass (~1,000 steps, ~4,000 expected): within 4 standard deviations
     assert abs(observed - expected) < 4 * np.sqrt(variance), (observed, expected, np.sqrt(variance))
     assert drawn[counts >= m].all()
-    assert p.unused == [int(left.sum())]
+    assert unused == int(left.sum())
 
 
 def test_proportional_mode_runs_classes_out_together():
-    ids, starts, counts = casia_like()
-    unused = {}
-    for mode in ("uniform", "proportional"):
-        p = BatchPlanner(ids, starts, counts, classes_per_batch=192, images_per_class=2, world_size=8,
-                         seed=1, sampling=mode, max_lead=10**6)
-        run_pass(p, 0)
-        unused[mode] = p.unused[0]
+    counts = casia_like()[2]
+    unused = {mode: casia_pass(mode)[1] for mode in ("uniform", "proportional")}
     # no mode can use a class's last counts % M samples; beyond that floor uniform leaves
     # the big classes' tails (~5% of the samples), proportional only crumbs
     floor = int((counts % 2).sum())
@@ -283,8 +290,8 @@ def run_ops(p: BatchPlanner, ops) -> dict:
 
 def assert_states_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+    for k, value in a.items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(b[k]), err_msg=k)
 
 
 def test_state_as_of_a_step_equals_the_state_of_a_planner_that_never_planned_ahead():
@@ -399,15 +406,15 @@ def test_state_errors_name_what_is_wrong():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(classes_per_batch=7, world_size=3), "multiple of world_size"),
-        (dict(images_per_class=0), "images_per_class"),
-        (dict(classes_per_batch=0), "classes_per_batch"),
-        (dict(world_size=0), "world_size"),
-        (dict(max_lead=-1), "max_lead"),
-        (dict(sampling="hard"), "sampling"),
-        (dict(selector=3), "selector"),
-        (dict(classes_per_batch=30, world_size=3), "classes_per_batch=30 needs"),
-        (dict(images_per_class=9, classes_per_batch=6), "images_per_class=9"),
+        ({"classes_per_batch": 7, "world_size": 3}, "multiple of world_size"),
+        ({"images_per_class": 0}, "images_per_class"),
+        ({"classes_per_batch": 0}, "classes_per_batch"),
+        ({"world_size": 0}, "world_size"),
+        ({"max_lead": -1}, "max_lead"),
+        ({"sampling": "hard"}, "sampling"),
+        ({"selector": 3}, "selector"),
+        ({"classes_per_batch": 30, "world_size": 3}, "classes_per_batch=30 needs"),
+        ({"images_per_class": 9, "classes_per_batch": 6}, "images_per_class=9"),
     ],
 )
 def test_bad_arguments_raise_value_errors_naming_them(kwargs, match):
