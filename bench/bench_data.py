@@ -6,7 +6,7 @@ For each image size, on synthetic class-grouped shards:
   * limit: decode + flip (the stream's own ``decode_into``) in a tight loop over in-memory
     JPEG bytes, one process per core, summed; each process warms up (imports, first decode)
     before it is timed and runs for at least ~2 s;
-  * stream: images/s of the full Ray Data stream (read + compose + decode + flip) delivered
+  * stream: images/s of the full Ray Data stream (planner slice + read by index + decode + flip) delivered
     to a consumer that does nothing, as the cores divided by the CPU seconds that this
     driver and every process it started (our Ray session only: GCS, raylet, workers) spend
     per delivered image (see ``stream_rate``): "marginal" = the extra CPU per extra image
@@ -247,8 +247,9 @@ def _spy_stop(proc, out: str, kinds: dict[int, str] | None = None) -> dict:
             for k, c in sorted(per.items(), key=lambda kv: -sum(kv[1].values()))}
 
 
-def stream_rate(train_dir: str, size: int, epochs: int = 4, classes_per_batch: int = 16,
-                profile: str | None = None, expected_images: int | None = None) -> dict:
+def stream_rate(train_dir: str, size: int, epochs: float = 4, classes_per_batch: int = 16,
+                profile: str | None = None, expected_images: int | None = None, decoders: int = 2,
+                start_step: int = 0) -> dict:
     """Images/s the full stream can sustain on this machine's cores, from its CPU cost.
 
     Ray Data decodes ahead into the object store while workers start, so a wall-clock rate
@@ -265,18 +266,39 @@ def stream_rate(train_dir: str, size: int, epochs: int = 4, classes_per_batch: i
     delivered; biased low, because the composer runs far ahead (JPEG rows are small) and
     does most of its work before the window; with ``profile`` py-spy samples that window.
     """
-    from pipeline.config import load_config
-    from pipeline.data.stream import build_train_dataset
+    import ray
 
+    from pipeline.config import load_config
+    from pipeline.data.planner_actor import create_planner
+    from pipeline.data.stream import build_train_datasets
+
+    with open(os.path.join(os.path.dirname(train_dir), "manifest.json")) as f:
+        images = json.load(f)["splits"]["train"]["images"]
+    steps = max(1, int(epochs * images) // (2 * classes_per_batch))
     cfg = load_config(None, [f"data.train={train_dir}", f"data.image_size={size}", "scaling.num_workers=1",
-                             f"batch.classes_per_batch={classes_per_batch}", f"miner.pool_classes={2 * classes_per_batch}",
-                             f"data.epochs={epochs}"])
+                             f"batch.classes_per_batch={classes_per_batch}", f"train.steps={steps + start_step}",
+                             f"data.decode_concurrency={decoders}"])
+    name = f"bench-planner-{time.monotonic_ns()}"
+    planner = create_planner(name, os.path.dirname(train_dir), classes_per_batch, 2, 1, 0, max_lead=64)
+    state = None
+    if start_step:  # the planner's state as of start_step, as a checkpoint would hold it
+        from pipeline.data.index import class_ranges, load_index
+        from pipeline.data.planner import BatchPlanner
+
+        ref = BatchPlanner(*class_ranges(load_index(os.path.dirname(train_dir), "train")),
+                           classes_per_batch=classes_per_batch, images_per_class=2, world_size=1, seed=0,
+                           max_lead=start_step + 1, rewind_window=start_step + 1)
+        for step in range(start_step):
+            ref.plan(step)
+        state = ref.state_dict(start_step)
     meter = CpuMeter().start()
+    t_begin = time.perf_counter()
+    ray.get(planner.begin.remote(start_step, state))
     expected = expected_images or 0
     spy = None
     t0 = time.perf_counter()
     t_first, n, marks = None, 0, {}
-    for b in build_train_dataset(cfg).iter_batches(batch_size=1, batch_format="numpy"):
+    for b in build_train_datasets(cfg, name, start_step)["train_0"].iter_batches(batch_size=1, batch_format="numpy"):
         t_first = t_first or time.perf_counter()
         n += b["images"].shape[1]
         if "a" not in marks and expected and n >= 0.2 * expected:
@@ -286,12 +308,13 @@ def stream_rate(train_dir: str, size: int, epochs: int = 4, classes_per_batch: i
             marks["b"] = (n, time.perf_counter(), meter.snapshot())
             prof = _spy_stop(spy, profile, meter.kinds) if spy else {}
     wall = time.perf_counter() - t0
+    ray.kill(planner)
     time.sleep(1.0)  # let actors finish their last accounting
     split = meter.stop()
     cpu = sum(split.values())
     cores = os.cpu_count() or 1
     out = {"images_per_s": cores * n / cpu, "cpu_ms_per_image": 1e3 * cpu / n, "wall_images_per_s": n / wall,
-           "startup_s": t_first - t0, "images": n, "cpu_s": cpu, "cpu_s_by_process": split,
+           "startup_s": t_first - t0, "restore_s": t0 - t_begin, "images": n, "cpu_s": cpu, "cpu_s_by_process": split,
            "cpu_ms_per_image_by_process": {k: 1e3 * v / n for k, v in sorted(split.items(), key=lambda kv: -kv[1])},
            "profile": prof if "b" in marks else {}}
     if len(marks) == 2:
@@ -364,6 +387,12 @@ def main() -> int:
                 stream["profile"] = stream_rate(f"{work}/train", size, 3 * args.epochs, args.classes_per_batch,
                                                 os.path.join(args.profile, f"stream_{size}.txt"),
                                                 expected_images=3 * total)["profile"]
+            # 1 vs 2 fetch+decode actors (wall clock: what a trainer would see), and the start-up
+            # of a stream resumed at 90% of a pass (planner state restored) vs a fresh one.
+            one = stream_rate(f"{work}/train", size, args.epochs, args.classes_per_batch, decoders=1)
+            pass_steps = len(jpgs) // (2 * args.classes_per_batch)
+            fresh = stream_rate(f"{work}/train", size, 0.05, args.classes_per_batch)
+            resumed = stream_rate(f"{work}/train", size, 0.05, args.classes_per_batch, start_step=int(0.9 * pass_steps))
             tar = tar_rate(paths)
             read = reader_rate(paths)
         r = {"limit_images_per_s": limit, "limit_cpu_ms_per_image": 1e3 * cores / limit,
@@ -371,6 +400,10 @@ def main() -> int:
              **{f"marginal_{k}": v for k, v in marginal.items()},
              "ratio_marginal_to_limit": marginal["images_per_s"] / limit,
              "ratio_whole_run_to_limit": stream["images_per_s"] / limit,
+             "wall_images_per_s_1_decoder": one["wall_images_per_s"], "wall_images_per_s_2_decoders": short["wall_images_per_s"],
+             "cpu_images_per_s_1_decoder": one["images_per_s"], "cpu_images_per_s_2_decoders": short["images_per_s"],
+             "fresh_first_row_s": fresh["startup_s"] + fresh["restore_s"],
+             "resumed_first_row_s": resumed["startup_s"] + resumed["restore_s"], "resumed_restore_s": resumed["restore_s"],
              "reader_ms_per_sample": 1e3 / read, "tarfile_ms_per_sample": 1e3 / tar,
              "load_avg_1m_before": load0, "load_avg_1m_after": os.getloadavg()[0]}
         results[size] = r
@@ -381,6 +414,10 @@ def main() -> int:
               f"wall {stream['wall_images_per_s']:.0f} img/s (start-up {stream['startup_s']:.1f}s); reader "
               f"{1e3 / read:.4f} ms/sample vs tarfile {1e3 / tar:.4f}; load average {load0:.1f} -> "
               f"{os.getloadavg()[0]:.1f}", flush=True)
+        print(f"    1 vs 2 decode actors: wall {one['wall_images_per_s']:.0f} vs {short['wall_images_per_s']:.0f} img/s, "
+              f"CPU-based {one['images_per_s']:.0f} vs {short['images_per_s']:.0f}; first row: fresh "
+              f"{r['fresh_first_row_s']:.2f}s, resumed at 90% of a pass {r['resumed_first_row_s']:.2f}s "
+              f"(planner restore {resumed['restore_s']:.3f}s)", flush=True)
         for kind, ms in marginal["cpu_ms_per_image_by_process"].items():
             print(f"    {ms:8.4f} CPU-ms/image marginal, {stream['cpu_ms_per_image_by_process'].get(kind, 0):8.4f} "
                   f"whole run  {kind}", flush=True)

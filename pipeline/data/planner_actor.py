@@ -99,32 +99,32 @@ class PlannerActor:
         return self.attempt
 
     def slice(self, step: int, rank: int) -> dict:
-        """Rank ``rank``'s part of plan ``step`` (raises DataQualityError past ``data.max_bad_fraction``): ``{"sample_ids", "labels"}`` (+ ``side_ids``,
-        ``side_labels`` and the miner's ``select`` info on rank 0), or ``{"skip": True}`` for a
+        """Rank ``rank``'s part of plan ``step``: ``{"sample_ids", "labels", "pass"}`` (+ ``side_ids``,
+        ``side_labels`` and the miner's selection info on rank 0), or ``{"skip": True}`` for a
         step before this attempt's start, ``{"wait": True}`` when it is too far ahead (or no
-        attempt has begun), ``{"end": True}`` past ``max_passes``."""
+        attempt has begun), ``{"end": True}`` past ``max_passes``. Raises DataQualityError past ``data.max_bad_fraction``."""
         if self.planner is None:
             return {"wait": True}
         if step < self.start:
             return {"skip": True}
         if not self.planner.can_plan(step):
             return {"wait": True}
-        before = self.planner.next_step
-        t0 = time.perf_counter()
-        plan = self.planner.plan(step)
-        if self.planner.next_step > before:
-            per_step = self.args["classes_per_batch"] * self.args["images_per_class"]
-            self.seen += (self.planner.next_step - before) * per_step
+        while self.planner.next_step <= step:  # one step at a time: each selection is timed and recorded
+            new = self.planner.next_step
+            t0 = time.perf_counter()
+            self.planner.plan(new)
+            self.seen += self.args["classes_per_batch"] * self.args["images_per_class"]
             self.report.add([], seen=self.seen)
-            self._check()
             if self.selector is not None:
-                self.selected[step] = {"select_ms": 1000.0 * (time.perf_counter() - t0),
-                                       "miner_version": int(getattr(self.selector, "last_version", -1)),
-                                       "fallbacks": int(getattr(self.selector, "fallbacks", 0))}
+                self.selected[new] = {"select_ms": 1000.0 * (time.perf_counter() - t0),
+                                      "miner_version": int(getattr(self.selector, "last_version", -1)),
+                                      "fallbacks": int(getattr(self.selector, "fallbacks", 0))}
+        plan = self.planner.plan(step)
+        self._check()
         if self.max_passes and plan.pass_index >= self.max_passes:
             return {"end": True}
         part = plan.slice(rank)
-        out = {"sample_ids": part.sample_ids, "labels": part.labels}
+        out = {"sample_ids": part.sample_ids, "labels": part.labels, "pass": int(plan.pass_index)}
         if rank == 0:
             out.update(self.selected.pop(step, {}))
             if self.random_every and step % self.random_every == 0:

@@ -17,7 +17,7 @@ process hop and a copy of the bytes through the object store for ~2% of the work
 
 Row columns (one row per step): ``images`` (B, H, W, 3) uint8, ``labels`` (B,) int64,
 ``sample_ids`` (B,) int64 (rows of the index; -1 for a slot filled with a copy of a
-classmate because its class had no unused sample left), ``step`` int64 and ``skip`` bool
+classmate because its class had no unused sample left), ``step`` and ``pass`` (the planner's pass of the step's samples) int64, ``skip`` bool
 (a step before the attempt's start: no images; the loop drops it), ``end`` bool (the
 planner ran out of passes, ``data.epochs``: the stream is dry), ``bad`` (len(REASONS),)
 int64: the bad samples this slice replaced, per reason.
@@ -126,6 +126,7 @@ class FetchDecode:
         if "side_ids" in part:
             side = self._fill(step, part["side_ids"].copy(), part["side_labels"], replace=False)
             out.update(rand_images=side["images"], rand_labels=side["labels"], has_rand=True)
+        out["pass"] = part["pass"]
         for k in ("select_ms", "miner_version", "fallbacks"):
             if k in part:
                 out[k] = part[k]
@@ -171,7 +172,7 @@ class FetchDecode:
                "end": np.asarray([bool(r.get("end")) for r in rows])}
         shape = (self.slice_images, self.size, self.size, 3)  # skipped steps too: one tensor shape for the column
         empty = {"images": np.zeros(shape, np.uint8), "labels": np.full(shape[0], -1, np.int64),
-                 "sample_ids": np.full(shape[0], -1, np.int64), "bad": np.zeros(len(REASONS), np.int64)}
+                 "sample_ids": np.full(shape[0], -1, np.int64), "bad": np.zeros(len(REASONS), np.int64), "pass": -1}
         if self.mining:  # fixed-shape columns on every row, so Ray Data keeps tensor columns
             empty.update(rand_images=empty["images"], rand_labels=empty["labels"], has_rand=False,
                          select_ms=0.0, miner_version=-1, fallbacks=0)

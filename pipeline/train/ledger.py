@@ -2,7 +2,7 @@
 
 With a directory set, every rank appends one JSON line per trained step to
 ``rank<r>-pid<pid>.jsonl`` there: ``{"rank", "pid", "attempt", "started", "resumed_from",
-"step", "sample_ids", "labels"}`` (``labels[i]`` is the class of ``sample_ids[i]``, so a
+"step", "pass", "sample_ids", "labels"}`` (``pass``: the planner's pass the step's samples come from) (``labels[i]`` is the class of ``sample_ids[i]``, so a
 run's batches can be audited from the ledger alone: which classes each rank trained together). An attempt is one start of the worker group (the first, then each
 restart): ``attempt`` is a token rank 0 draws and broadcasts at start, ``started`` rank 0's
 wall clock then, ``resumed_from`` the checkpoint step it started from (0 = fresh).
@@ -33,10 +33,10 @@ class SampleLedger:
         self.path = os.path.join(directory, f"rank{rank}-pid{self.pid}.jsonl")
         self._f = open(self.path, "a", buffering=1)
 
-    def write(self, step: int, sample_ids, labels=()) -> None:
+    def write(self, step: int, sample_ids, labels=(), pass_index: int = 0) -> None:
         """Record that this rank trained ``step`` on ``sample_ids`` of classes ``labels`` (sequences of ints)."""
         self._f.write(json.dumps({"rank": self.rank, "pid": self.pid, "attempt": self.attempt,
-                                  "started": self.started, "resumed_from": self.resumed_from, "step": step, "sample_ids": [int(i) for i in sample_ids],
+                                  "started": self.started, "resumed_from": self.resumed_from, "step": step, "pass": int(pass_index), "sample_ids": [int(i) for i in sample_ids],
                                   "labels": [int(c) for c in labels]}) + "\n")
 
     def close(self) -> None:
@@ -63,10 +63,10 @@ def read_ledger(directory: str | Path) -> list[dict]:
 
 
 def audit(directory: str | Path) -> dict:
-    """Replay the ledger: which lines count, and whether any sample was trained twice.
+    """Replay the ledger: which lines count, and whether any sample was trained twice in one pass.
 
     Returns ``{"kept": [lines], "discarded": [lines], "steps_per_rank": {rank: sorted steps},
-    "samples": n kept ids, "unique": n distinct kept ids, "duplicates": {id: count > 1},
+    "samples": n kept ids, "unique": n distinct kept (pass, id) pairs, "duplicates": {(pass, id): count > 1},
     "attempts": [{"attempt", "resumed_from", "steps": (first, last), "lines"}]}``.
     """
     rows = read_ledger(directory)
@@ -79,7 +79,7 @@ def audit(directory: str | Path) -> dict:
     steps: dict[int, list[int]] = {}
     for r in kept:
         steps.setdefault(r["rank"], []).append(r["step"])
-    ids = Counter(i for r in kept for i in r["sample_ids"])
+    ids = Counter((r.get("pass", 0), i) for r in kept for i in r["sample_ids"])
     attempts = []
     for a, start in resumes:
         mine = [r["step"] for r in rows if r["attempt"] == a]

@@ -70,9 +70,6 @@ def _mining_metrics(batch: dict, emb: torch.Tensor, labels: torch.Tensor, module
         out["mine/select_ms"] = float(batch["select_ms"][0])
         out["mine/fallbacks"] = float(batch["fallbacks"][0])
         out["mine/index_version"] = float(batch["miner_version"][0])
-        if int(batch["trainer_step"][0]) >= 0:
-            # How many steps before this one the classes were chosen (the stream runs ahead).
-            out["mine/select_lag_steps"] = float(step - int(batch["trainer_step"][0]))
         if bool(batch["has_rand"][0]):
             rand_emb = side_embeddings(module, batch["rand_images"][0].to(emb.device))
             rand = batch_hardness(rand_emb, batch["rand_labels"][0].to(emb.device))
@@ -125,7 +122,8 @@ def _planner_state(planner: str, step: int) -> dict:
     import ray
 
     state = ray.get(ray.get_actor(planner).state_dict.remote(step), timeout=120)
-    return {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+    # Copies: arrays that come out of the object store may be views of one buffer, which torch.save refuses.
+    return {k: (torch.from_numpy(np.array(v, copy=True)) if isinstance(v, np.ndarray) else v) for k, v in state.items()}
 
 
 def _data_metrics(planner: str) -> dict:
@@ -244,7 +242,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if ledger is not None:
             ids = batch["sample_ids"][0].cpu().numpy().astype(np.int64)
             keep = ids >= 0  # -1: a slot the stream filled with a copy of another image, not a sample
-            ledger.write(step, ids[keep], batch["labels"][0].cpu().numpy()[keep])
+            ledger.write(step, ids[keep], batch["labels"][0].cpu().numpy()[keep], int(batch["pass"][0]))
         if metrics_out is not None:
             t_mine = time.perf_counter()
             row = {"train/loss": losses[-1], **branch, **_mining_metrics(batch, emb, labels, _unwrap(model), step)}

@@ -8,19 +8,16 @@ the report is still logged.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.e2e
-CORRUPT = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 3 + b"\xff\xd9"  # JPEG markers around junk: fails to decode
 N_BAD = 3
 
 
@@ -28,23 +25,25 @@ N_BAD = 3
 def bad_shards(tiny_shards, tmp_path_factory):
     """A copy of the tiny shard set whose first train shard has N_BAD undecodable JPEGs.
 
-    Returns (train dir, the bad shard's path, the bad keys).
+    The payloads are overwritten in place with junk of the same length between the JPEG
+    markers (bit rot: the per-sample index still matches, the image does not decode).
+    Returns (train dir, the bad shard's path, the report keys of the bad samples).
     """
+    import numpy as np
+
+    from pipeline.data.index import load_index
+
     out = tmp_path_factory.mktemp("bad") / "shards"
     shutil.copytree(tiny_shards, out)
-    shard = sorted((out / "train").glob("*.tar"))[0]
-    with tarfile.open(shard) as tf:
-        members = [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]
-    keys = sorted({n.split(".", 1)[0] for n, _ in members})
-    bad = {keys[1], keys[4], keys[9]}
-    with tarfile.open(shard, "w") as tf:
-        for name, data in members:
-            if name.endswith(".jpg") and name.split(".", 1)[0] in bad:
-                data = CORRUPT
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return out / "train", shard, bad
+    index = load_index(str(out), "train")
+    shard = Path(out) / index.paths[0] if not Path(index.paths[0]).is_absolute() else Path(index.paths[0])
+    raw = bytearray(shard.read_bytes())
+    rows = np.flatnonzero(index.shard == 0)[[1, 4, 9]]
+    for r in rows:
+        o, n = int(index.offset[r]), int(index.size[r])
+        raw[o:o + n] = (b"\xff\xd8\xff\xe0" + bytes(range(256)) * (n // 256 + 1))[: n - 2] + b"\xff\xd9"
+    shard.write_bytes(bytes(raw))
+    return out / "train", shard, {f"sample {int(r)}" for r in rows}
 
 
 def _train(train: Path, cwd: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
@@ -72,9 +71,8 @@ def test_bad_images_are_skipped_counted_and_reported(bad_shards, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(run_id).info.status == "FINISHED"
     rep = _report(client, run_id, tmp_path)
-    # One pass. An image is decoded (and found bad) only once composed into a batch: one left in
-    # the pool when the pass ends is never decoded; whatever was found is counted, and only the
-    # injected images are ever bad.
+    # One pass. An image is decoded (and found bad) only once planned into a step; whatever
+    # was found is counted (and replaced by a classmate), and only the injected images are ever bad.
     items = rep["items"]
     assert rep["counts"]["corrupt_image"] == len(items) <= N_BAD
     assert {(Path(i["shard"]).name, i["key"], i["reason"]) for i in items} <= {(shard.name, k, "corrupt_image") for k in bad}
@@ -82,8 +80,7 @@ def test_bad_images_are_skipped_counted_and_reported(bad_shards, tmp_path):
     final = client.get_run(run_id).data.metrics
     assert final["data/bad_corrupt_image"] == rep["counts"]["corrupt_image"]
     assert final["data/samples_seen"] == rep["samples_seen"] > 0
-    # Per-step (cumulative) counts from the rows rank 0 trained on, at log steps (step 8 also
-    # holds the driver's run-level total).
+    # The run's counts so far, at log steps (step 8 also holds the driver's run-level total).
     hist = client.get_metric_history(run_id, "data/bad_corrupt_image")
     assert sorted({m.step for m in hist}) == [4, 8]
     assert all(0 <= m.value <= rep["counts"]["corrupt_image"] for m in hist)
@@ -93,8 +90,8 @@ def test_too_many_bad_images_stop_the_job_naming_the_shard(bad_shards, tmp_path)
     from mlflow.tracking import MlflowClient
 
     train, shard, bad = bad_shards
-    # The check starts once 200 samples were seen; 40 steps of 8 images need 2 passes over the
-    # 160-image train split, so the stream gets there before training could end.
+    # The check starts once 200 samples were planned; 40 steps of 8 images get there before
+    # training could end.
     p = _train(train, tmp_path, 40, "data.max_bad_fraction=0.001", "data.epochs=3")
     assert p.returncode == 2, f"expected exit 2, got {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     err = p.stderr.strip().splitlines()
