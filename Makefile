@@ -37,6 +37,8 @@ test-fast: $(STAMP)
 # Every CPU figure of BENCHMARKS.md (about 12 minutes on 2 cores). bench/gpu.py needs a GPU;
 # bench/loss_ordering.py trains 9 quickstart runs (about 20 minutes): `make bench-accuracy`.
 bench: $(STAMP)
+	$(BIN)/python bench/bench_planner.py
+	$(BIN)/python bench/bench_index.py
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_trainer.py
 	$(BIN)/python bench/bench_losses.py

@@ -13,7 +13,7 @@ For each image size, on synthetic class-grouped shards:
     between a run of E passes and one of 3E (start-up cancels; ``marginal_rate``), the
     headline figure; "whole run" = the 3E-pass run with its start-up. The CPU split per
     process kind is printed;
-  * read stage alone: our tar reader (``pipeline.data.reader.read_shard``) vs plain
+  * read stage alone: our tar parser (``pipeline.data.reader.iter_samples``) vs plain
     ``tarfile`` iteration, in this process, CPU seconds per sample.
 With ``--profile DIR`` it also runs the stream a second time sampled by py-spy (``py-spy record
 --subprocesses``, raw collapsed stacks in DIR) and prints where each process kind spends
@@ -82,12 +82,14 @@ def tar_rate(paths: list[str]) -> float:
 
 
 def reader_rate(paths: list[str]) -> float:
-    """Samples/s of our reader (parse, check, chunk rows) on one core (CPU time)."""
-    from pipeline.data.reader import ShardSpec, read_shard
+    """Samples/s of our tar parser (``pipeline.data.reader.iter_samples``: what ``--reindex`` runs) on one core (CPU time)."""
+    from pipeline.data.reader import iter_samples
 
-    spec = ShardSpec(None, (), 2)
     t = time.process_time()
-    n = sum(len(b["sample_id"]) - 1 for i, p in enumerate(paths) for b in read_shard(p, i, 0, spec))
+    n = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            n += sum(1 for _ in iter_samples(f, p))
     return n / (time.process_time() - t)
 
 
@@ -299,6 +301,7 @@ def stream_rate(train_dir: str, size: int, epochs: float = 4, classes_per_batch:
     t0 = time.perf_counter()
     t_first, n, marks = None, 0, {}
     for b in build_train_datasets(cfg, name, start_step)["train_0"].iter_batches(batch_size=1, batch_format="numpy"):
+        planner.done.remote(int(b["step"][0]), 0)  # what the train loop does after each step
         t_first = t_first or time.perf_counter()
         n += b["images"].shape[1]
         if "a" not in marks and expected and n >= 0.2 * expected:

@@ -143,7 +143,8 @@ def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir:
     from pipeline.config import load_config
     from pipeline.data.layouts import synthetic_classes
     from pipeline.data.shards import write_shards
-    from pipeline.data.stream import build_train_dataset
+    from pipeline.data.planner_actor import create_planner
+    from pipeline.data.stream import build_train_datasets
 
     n_cls, per = (40, 8) if dry else (400, 20)
     write_shards(synthetic_classes(n_cls, per, image_size=size, seed=0), workdir, holdout_fraction=0.0,
@@ -154,13 +155,22 @@ def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir:
     from pipeline.runtime import init_ray
 
     init_ray(max(8, os.cpu_count() or 1))  # local (loopback only) unless RAY_ADDRESS is set
+    steps = 20 * n_cls * per // (2 * classes_per_batch)  # ~20 passes
     cfg = load_config(None, [f"data.train={workdir}/train", f"data.image_size={size}", "scaling.num_workers=1",
-                             f"batch.classes_per_batch={classes_per_batch}", f"miner.pool_classes={2 * classes_per_batch}",
-                             f"data.decode_concurrency={2 if dry else max(2, (os.cpu_count() or 2) - 2)}",
-                             "data.epochs=20"])
-    ds = build_train_dataset(cfg)
+                             f"batch.classes_per_batch={classes_per_batch}", f"train.steps={steps}",
+                             f"data.decode_concurrency={2 if dry else max(2, (os.cpu_count() or 2) - 2)}"])
+    name = f"gpu-bench-planner-{size}"
+    planner = create_planner(name, workdir, classes_per_batch, 2, 1, 0, max_lead=64)
+    ray.get(planner.begin.remote(0, None))
+    ds = build_train_datasets(cfg, name, 0)["train_0"]
     it = ds.iter_torch_batches(batch_size=1, prefetch_batches=4, pin_memory=not dry)
-    return ((b["images"][0], b["labels"][0]) for b in it)
+
+    def batches(keep=planner):  # the generator holds the planner's handle: the actor lives as long
+        for b in it:
+            keep.done.remote(int(b["step"][0]), 0)  # what the train loop does after each step
+            yield b["images"][0], b["labels"][0]
+
+    return batches()
 
 
 def faiss_mining(dry: bool) -> dict:

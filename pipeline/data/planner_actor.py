@@ -10,9 +10,11 @@ without Ray). It adds what a cluster needs:
   the other ranks wait at a barrier before they read their streams. Steps before the
   attempt's start are answered ``skip`` (a restarted worker group's streams start where
   the job started), so they cost a range row, never a read.
-* **Lead.** A rank's stream may run ahead; a slice more than ``max_lead`` steps ahead of
-  the slowest rank is answered ``wait`` (the fetch stage sleeps and asks again), so every
-  plan is made with class embeddings at most that old and plans kept in memory stay bounded.
+* **Lead.** Each rank's train loop says when it has trained a step (:meth:`PlannerActor.done`);
+  a slice more than ``max_lead`` steps ahead of the slowest rank's training is answered
+  ``wait`` (the fetch stage sleeps and asks again), so every plan is made with class
+  embeddings at most that many steps old, and the plans kept in memory stay bounded.
+  (Counting the streams' fetches instead would let Ray Data plan the whole run ahead.)
 * **Bad input.** Fetch reports a bad sample with :meth:`PlannerActor.replace`: it is counted
   per reason in the run's report (``pipeline.data.report``) and replaced by another unused
   sample of its class, so every slice stays whole. Samples the index left out (no image,
@@ -140,7 +142,7 @@ class PlannerActor:
         return ids.astype(np.int64), np.repeat(labels[classes], m).astype(np.int64)
 
     def done(self, step: int, rank: int) -> None:
-        """Rank ``rank``'s stream has its slice of ``step`` (after its last ``replace``)."""
+        """Rank ``rank`` has trained ``step`` (its stream made its last ``replace`` for it before)."""
         if self.planner is not None and step >= self.start:
             try:
                 self.planner.take(step, rank)

@@ -1,11 +1,13 @@
 """Bad training samples: the reasons, the per-run report actor, and the bad-fraction check.
 
-The stream skips every sample it cannot use and counts it under one of :data:`REASONS`
-(see ``pipeline/data/reader.py`` for where each is detected). The counts travel with the
-rows (``bad_counts``, cumulative) so the trainer can log them; the list of bad items
-(shard path, sample key, reason) goes to a named :class:`DataReport` actor that the stages
-push to without waiting, and that the driver reads with :func:`fetch_report` and writes
-with :func:`write_report` (an MLflow artifact).
+Every sample the run cannot use is counted under one of :data:`REASONS`: samples the index
+left out (no image, no label, a label outside the manifest: ``pipeline.data.index``),
+classes too small to pair, and samples the stream finds bad when it reads them (no JPEG
+markers, does not decode, unreadable bytes). A :class:`DataReport` collects them with the
+samples planned; the batch planner actor holds the run's report (``pipeline.data.
+planner_actor``: the one place that sees every planned sample), and the driver reads it by
+the actor's name with :func:`fetch_report` and writes it with :func:`write_report` (an
+MLflow artifact). :func:`create_report` makes a stand-alone report actor.
 
 ``data.max_bad_fraction``: once at least :data:`MIN_SEEN` samples have been seen, a bad
 fraction (reasons in :data:`FRACTION_REASONS`) above it stops the stream with a
@@ -106,7 +108,7 @@ class DataReport:
 
     def add(self, items: list, seen: int | None = None, resumed_skip: int | None = None) -> list[int]:
         """Record ``(shard path, key, reason)`` items; ``seen`` / ``resumed_skip`` are the
-        sender's cumulative totals (the composer's). Returns the counts after the update."""
+        sender's cumulative totals (the planner's). Returns the counts after the update."""
         for path, key, reason in items:
             self.counts[reason_index(reason)] += 1
             if len(self.items) < MAX_ITEMS:
@@ -172,8 +174,7 @@ def fetch_report(name: str, namespace: str | None = None, timeout_s: float = 30.
     "items_left_out"}``. ``unused``: good samples never trained on (``DataReport.add_unused``;
     the first 100,000 ids are kept).
 
-    ``samples_seen`` is what the composer had read at its last push (fire-and-forget pushes
-    may still be in flight right after the stream ends). Raises ValueError when no actor of
+    ``samples_seen``: the samples planned so far. Raises ValueError when no actor of
     that name exists.
     """
     ray = _ray()

@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 from pipeline.data.decode import decode_into
+from pipeline.data.reader import jpeg_problem
 from pipeline.data.report import REASONS
 
 WAIT_S = 0.02
@@ -51,20 +52,10 @@ MAX_REPLACEMENTS = 8
 def _mix64(x):
     """SplitMix64's finaliser on uint64 arrays: a cheap, well-mixed hash."""
     x = np.asarray(x, dtype=np.uint64)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    with np.errstate(over="ignore"):  # wrapping multiplication is the point (NumPy warns on scalars)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
-
-
-def _jpeg_problem(data: bytes) -> str | None:
-    """Why ``data`` cannot be a JPEG (``corrupt_image`` / ``truncated_image``), None when it may be one."""
-    if len(data) < 4:
-        return "truncated_image"
-    if data[:2] != b"\xff\xd8":
-        return "corrupt_image"
-    if b"\xff\xd9" not in data[-64:]:
-        return "truncated_image"
-    return None
 
 
 class FetchDecode:
@@ -130,7 +121,6 @@ class FetchDecode:
         for k in ("select_ms", "miner_version", "fallbacks"):
             if k in part:
                 out[k] = part[k]
-        self.planner.done.remote(step, self.rank)
         return out
 
     def _fill(self, step: int, ids: np.ndarray, labels: np.ndarray, replace: bool) -> dict:
@@ -142,7 +132,7 @@ class FetchDecode:
         todo = np.arange(len(ids))
         for attempt in range(MAX_REPLACEMENTS + 1):
             jpgs = self._read(ids[todo])
-            problems = ["truncated_tar" if b is None else _jpeg_problem(b) for b in jpgs]
+            problems = ["truncated_tar" if b is None else jpeg_problem(b) for b in jpgs]
             readable = np.flatnonzero([p is None for p in problems])
             if len(readable):
                 buf = np.empty((len(readable), self.size, self.size, 3), dtype=np.uint8)
@@ -205,7 +195,12 @@ def build_train_datasets(cfg, planner: str, start_step: int) -> dict:
     load_index(root, "train")  # fail here, naming the fix, not in a Ray Data actor
     out = {}
     for rank in range(cfg.scaling.num_workers):
-        ds = ray.data.range(max(0, cfg.train.steps - start_step), override_num_blocks=max(1, cfg.scaling.num_workers))
+        n = max(0, cfg.train.steps - start_step)
+        # One step per block: a map task hands on its output only when its input block is
+        # done, and the planner holds a step more than max_lead ahead of the trainers until
+        # they catch up; with many steps per block the trainers would wait for a task that
+        # waits for them.
+        ds = ray.data.range(n, override_num_blocks=max(1, n))
         out[f"train_{rank}"] = ds.map_batches(
             FetchDecode, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=cfg.data.decode_concurrency),
             fn_constructor_kwargs={"planner": planner, "rank": rank, "start_step": start_step, "index_root": root,

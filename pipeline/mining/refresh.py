@@ -17,9 +17,6 @@ Data itself warm (its first run costs 4-5 s of imports, paid by the driver's ini
 refresh before training starts). For exemplar sets of many batches, or on GPUs, pass
 ``actors`` > 0 to use a pool of model actors instead.
 
-The refresher also holds the trainer's step, which the batch composer's gate reads
-(``pipeline.data.stream._TrainerGate``) so that selections use recent embeddings.
-
 This module knows the miner only by its actor name and its ``update`` method.
 """
 
@@ -139,14 +136,9 @@ def embed_exemplars(spec: str, model_cfg: dict, state_ref, image_size: int, batc
             np.concatenate(keys).astype(str) if keys else None)
 
 
-@ray.remote(num_cpus=0, concurrency_groups={"refresh": 1, "progress": 1})
+@ray.remote(num_cpus=0, concurrency_groups={"refresh": 1})
 class Refresher:
     """Embeds the exemplar shards with pushed weights and publishes the class embeddings to the miner.
-
-    It also holds the trainer's step (``set_step`` from rank 0, ``step`` for the batch
-    composer's gate; a concurrency group of their own, so they are answered while a refresh
-    runs): without it the composer would select classes for the whole run within seconds,
-    all with the first embeddings, because Ray Data streams far ahead of the trainer.
 
     Create it with ``get_or_create_refresher``. ``num_cpus=0``: it mostly waits on Ray
     Data, whose map tasks reserve their own CPUs.
@@ -161,17 +153,7 @@ class Refresher:
         self.miner_name, self.namespace = miner_name, namespace
         self.exemplars, self.model_cfg, self.image_size = exemplars, model_cfg, image_size
         self.per_class, self.batch_size, self.actors, self.use_gpu = per_class, batch_size, actors, use_gpu
-        self._step = 0
 
-    @ray.method(concurrency_group="progress")
-    def set_step(self, step: int) -> None:
-        """Record the trainer's latest step (rank 0 calls it after every step, without waiting)."""
-        self._step = max(self._step, int(step))
-
-    @ray.method(concurrency_group="progress")
-    def step(self) -> int:
-        """The trainer's latest reported step (0 before training starts or after a restart)."""
-        return self._step
 
     @ray.method(concurrency_group="refresh")
     def refresh(self, state_refs: list, step: int = 0) -> dict:
@@ -233,16 +215,6 @@ class AsyncRefresh:
         self.last_error: str | None = None
         self._handle = None
         self._inflight = None
-
-    def report_step(self, step: int) -> None:
-        """Tell the refresher (and so the composer's gate) the trainer's step; never waits, never raises."""
-        try:
-            if self._handle is None:
-                self._handle = ray.get_actor(self.name, namespace=self.namespace)
-            self._handle.set_step.remote(step)
-        except (ray.exceptions.RayError, ValueError) as exc:
-            self.last_error = repr(exc)
-            self._handle = None
 
     def busy(self) -> bool:
         """True while a started refresh has not finished (its result not yet polled)."""

@@ -1,25 +1,25 @@
-"""The loop each Ray Train worker runs: one N-pair batch per step, DDP, report, checkpoint.
+"""The loop each Ray Train worker runs: one slice of the planned global batch per step, DDP, report, checkpoint.
 
+Rank r reads its own stream, ``train_<r>`` (``pipeline.data.stream``): its row of step s is
+slice r of the planner's plan s, so the ranks' batches of one step are exactly the planned
+global batch, and a cross-rank loss (the gather in ``pipeline.losses``) sees all N classes.
 Every rank reports metrics through ``ray.train.report``; only rank 0 attaches checkpoints
 and logs per-step metrics to MLflow.
 
-Mining metrics (rank 0, per step, ``mine/*``): the hardness of the batch it trained on
-(``pipeline.mining.hardness``, from the embeddings already computed, under no_grad) -- of
-rank 0's own batch, not the global one: ``streaming_split`` does not keep the rows of one
-global batch on the same step across ranks, so a gathered "global" batch would not be one.
-With the miner on, also the composer's columns (selection time, fallbacks, index version),
-the same hardness of the random side-by-side batch when the row carries one, and the
-asynchronous refreshes (``pipeline.mining.refresh.AsyncRefresh``) that rank 0 starts every
-``miner.refresh_every`` steps without waiting for them.
+Mining metrics (rank 0, per step, ``mine/*``): the hardness of rank 0's slice
+(``pipeline.mining.hardness``, from the embeddings already computed, under no_grad); with
+the miner on, also the planner's selection info (time, fallbacks, index version), the same
+hardness of the random side slice when the row carries one, and the asynchronous refreshes
+(``pipeline.mining.refresh.AsyncRefresh``) that rank 0 starts every ``miner.refresh_every``
+steps without waiting for them.
 
 Resuming (``pipeline.train.checkpoint`` has the format): every worker-group start asks
 ``ray.train.get_checkpoint()`` for the latest complete checkpoint (after a worker failure,
 or when a job is rerun with the same ``train.run_name``) and continues from it: weights,
-optimizer, RNG states, step counter, the same MLflow run. The data position travels with
-it: every rank gathers the ``sample_ids`` of the batches it trained since the last
-checkpoint, and the checkpoint holds all of them. Before any rank reads its dataset shard,
-rank 0 hands them to the position actor (``loop_config["position"]``), whose consumed ids
-the stream's composer drops when it starts; the other ranks wait for that at a barrier.
+optimizer, RNG states, step counter, the same MLflow run, and the planner's state as of
+that step. Before any rank reads its stream, rank 0 hands that state to the planner actor
+(``PlannerActor.begin``), which drops what it had planned ahead; the other ranks wait at a
+barrier. Rows of steps before the resumed step arrive as ``skip`` rows and cost no read.
 """
 
 from __future__ import annotations
@@ -181,6 +181,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step = step
     planner = loop_config["planner"]
     attempt, started = _begin_attempt(rank, world, planner, step, planner_state)
+    planner_handle = ray.get_actor(planner)
     if step >= cfg.train.steps:
         return  # the run is complete; nothing to redo
     metrics_out = MetricBuffer(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
@@ -238,6 +239,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loss.backward()
         optimizer.step()
         step += 1
+        # Tell the planner this rank trained the step: it plans at most data.max_lead steps
+        # past the slowest *trainer*, so mined selections use recent class embeddings
+        # (the streams themselves would run far ahead). Fire and forget.
+        planner_handle.done.remote(step - 1, rank)
         losses.append(loss.item())
         if ledger is not None:
             ids = batch["sample_ids"][0].cpu().numpy().astype(np.int64)
@@ -247,7 +252,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             t_mine = time.perf_counter()
             row = {"train/loss": losses[-1], **branch, **_mining_metrics(batch, emb, labels, _unwrap(model), step)}
             if refresher is not None:
-                refresher.report_step(step)
                 done = refresher.poll()
                 if done is not None:
                     row.update({"mine/refresh_s": done["refresh_s"], "mine/refresh_version": done["version"],

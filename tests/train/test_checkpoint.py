@@ -24,17 +24,18 @@ def _model_and_optimizer():
 
 def test_checkpoint_round_trip(tmp_path):
     model, opt = _model_and_optimizer()
-    ids = np.array([5, 1, 9, 2**40], dtype=np.int64)
-    save_checkpoint(str(tmp_path), model, opt, step=12, run_id="r" * 32, consumed_ids=ids, world_size=2)
+    planner = {"step": 12, "pass": 1, "cursors": torch.tensor([5, 1, 9, 2**40]), "bad": torch.zeros(0, dtype=torch.int64)}
+    save_checkpoint(str(tmp_path), model, opt, step=12, run_id="r" * 32, planner_state=planner, world_size=2)
     meta = read_meta(str(tmp_path))
-    assert meta["step"] == 12 and meta["run_id"] == "r" * 32 and meta["consumed"] == 4
+    assert meta["step"] == 12 and meta["run_id"] == "r" * 32
     assert meta["bytes"] == (tmp_path / CKPT_FILE).stat().st_size
     assert sorted(p.name for p in tmp_path.iterdir()) == [META_FILE, CKPT_FILE]  # no temporary files left
 
     # Plain torch.load(weights_only=True) reads it: tensors and plain types only.
     state = torch.load(tmp_path / CKPT_FILE, map_location="cpu", weights_only=True)
     assert state["step"] == 12 and state["world_size"] == 2 and state["scheduler"] is None
-    assert state["consumed_ids"].dtype == torch.int64 and state["consumed_ids"].tolist() == ids.tolist()
+    assert state["planner"]["pass"] == 1 and state["planner"]["cursors"].tolist() == [5, 1, 9, 2**40]
+    assert "consumed_ids" not in state
     fresh, fresh_opt = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)), None
     fresh.load_state_dict(state["model"])
     for a, b in zip(fresh.state_dict().values(), model.state_dict().values()):

@@ -29,10 +29,20 @@ def test_audit_discards_the_steps_a_later_attempt_redid(tmp_path):
                                {"attempt": 1, "resumed_from": 4, "steps": (5, 10), "lines": 12}]
 
 
-def test_audit_reports_a_sample_trained_twice(tmp_path):
+def test_audit_reports_a_sample_trained_twice_in_one_pass(tmp_path):
     _attempt(tmp_path, "a1", 1.0, 0, range(1, 4), lambda rank, s: [10 * s + rank, 100 + rank])
     out = audit(tmp_path)
-    assert out["duplicates"] == {100: 3, 101: 3}
+    assert out["duplicates"] == {(0, 100): 3, (0, 101): 3}  # keyed (pass, sample id)
+
+
+def test_the_same_sample_in_two_passes_is_no_duplicate(tmp_path):
+    led = SampleLedger(str(tmp_path), 0, "a1", 1.0, 0)
+    led.write(1, [7, 8], [3, 3], pass_index=0)
+    led.write(2, [7, 8], [3, 3], pass_index=1)
+    led.close()
+    out = audit(tmp_path)
+    assert out["duplicates"] == {} and out["unique"] == 4
+    assert [r["labels"] for r in read_ledger(tmp_path)] == [[3, 3], [3, 3]]
 
 
 def test_a_torn_last_line_is_skipped(tmp_path):
