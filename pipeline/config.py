@@ -139,7 +139,7 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     """Logical CPUs reserved by each training worker."""
     num_cpus: int = 0
-    """Logical CPUs declared when starting a local Ray instance; 0 = max(8, 4 x cores)."""
+    """Logical CPUs declared when starting a local Ray instance; 0 = max(16, 8 x cores)."""
 
 
 @dataclass

@@ -51,7 +51,7 @@ class StorageError(RuntimeError):
 def init_ray(num_cpus: int = 0, dashboard: bool = False) -> None:
     """Connect to ``RAY_ADDRESS`` when set, else start a local instance on loopback only.
 
-    ``num_cpus`` is the number of logical CPUs a local instance declares; 0 = max(8, 4 x
+    ``num_cpus`` is the number of logical CPUs a local instance declares; 0 = max(16, 8 x
     cores). On a small machine, declare more logical CPUs than cores: training workers each
     hold ``scaling.cpus_per_worker`` and Ray Data's fetch/decode tasks need CPUs of their
     own, or the stream never starts and the job hangs silently. ``dashboard`` starts the
@@ -71,7 +71,7 @@ def init_ray(num_cpus: int = 0, dashboard: bool = False) -> None:
     os.environ[LOOPBACK_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=num_cpus or max(8, 4 * cores), include_dashboard=dashboard, dashboard_host="127.0.0.1",
+    ray.init(num_cpus=num_cpus or max(16, 8 * cores), include_dashboard=dashboard, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", configure_logging=True, logging_level="WARNING")
 
 

@@ -12,7 +12,8 @@ without Ray). It adds what a cluster needs:
   the job started), so they cost a range row, never a read.
 * **Lead.** Each rank's train loop says when it has trained a step (:meth:`PlannerActor.done`);
   a slice more than ``max_lead`` steps ahead of the slowest rank's training is answered
-  ``wait`` (the fetch stage sleeps and asks again), so every plan is made with class
+  ``wait`` after up to 10 s (an async actor: the call waits for the trainers without
+  holding the actor; the fetch stage asks again), so every plan is made with class
   embeddings at most that many steps old, and the plans kept in memory stay bounded.
   (Counting the streams' fetches instead would let Ray Data plan the whole run ahead.)
 * **Bad input.** Fetch reports a bad sample with :meth:`PlannerActor.replace`: it is counted
@@ -29,6 +30,7 @@ Size: the planner's state (per-class cursors, O(classes)) plus the plans in flig
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -68,6 +70,7 @@ class PlannerActor:
         self.planner = None
         self.start, self.attempt, self.seen = 0, 0, 0
         self.selected: dict[int, dict] = {}  # step -> the miner's answer when it was planned
+        self._event = asyncio.Event()  # set (and replaced) whenever a waiting slice may go on
 
     def _count_left_out(self, index, class_ids, counts, m: int) -> None:
         import json
@@ -80,7 +83,7 @@ class PlannerActor:
                 items += [(f"class {int(cid)}", f"{int(n)} image(s)", "small_class")] * int(n)
         self.report.add(items)
 
-    def begin(self, start_step: int, state: dict | None) -> int:
+    async def begin(self, start_step: int, state: dict | None) -> int:
         """Start an attempt at ``start_step`` from a checkpoint's planner ``state`` (None: fresh). Returns its number.
 
         Raises ValueError when a fresh start is asked at a step > 0 (a checkpoint without
@@ -98,19 +101,31 @@ class PlannerActor:
             self.planner = BatchPlanner.from_state(*self.ranges, state=state, **self.args)
         self.start, self.selected = int(start_step), {}
         self.attempt += 1
+        self._wake()
         return self.attempt
 
-    def slice(self, step: int, rank: int) -> dict:
+    def _wake(self) -> None:
+        """Wake every ``slice`` call waiting for the trainers (the planner's lead moved or an attempt began)."""
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def slice(self, step: int, rank: int, wait_s: float = 10.0) -> dict:
         """Rank ``rank``'s part of plan ``step``: ``{"sample_ids", "labels", "pass"}`` (+ ``side_ids``,
         ``side_labels`` and the miner's selection info on rank 0), or ``{"skip": True}`` for a
         step before this attempt's start, ``{"wait": True}`` when it is too far ahead (or no
         attempt has begun), ``{"end": True}`` past ``max_passes``. Raises DataQualityError past ``data.max_bad_fraction``."""
-        if self.planner is None:
-            return {"wait": True}
+        # Waits here (an async actor: other calls go on) instead of the fetch stage polling.
+        deadline = time.monotonic() + wait_s
+        while self.planner is None or (step >= self.start and not self.planner.can_plan(step)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return {"wait": True}
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout=left)
+            except asyncio.TimeoutError:
+                return {"wait": True}
         if step < self.start:
             return {"skip": True}
-        if not self.planner.can_plan(step):
-            return {"wait": True}
         while self.planner.next_step <= step:  # one step at a time: each selection is timed and recorded
             new = self.planner.next_step
             t0 = time.perf_counter()
@@ -141,15 +156,16 @@ class PlannerActor:
         ids = np.concatenate([starts[c] + rng.choice(counts[c], size=m, replace=False) for c in classes])
         return ids.astype(np.int64), np.repeat(labels[classes], m).astype(np.int64)
 
-    def done(self, step: int, rank: int) -> None:
+    async def done(self, step: int, rank: int) -> None:
         """Rank ``rank`` has trained ``step`` (its stream made its last ``replace`` for it before)."""
         if self.planner is not None and step >= self.start:
             try:
                 self.planner.take(step, rank)
             except ValueError:
-                pass  # a slice of the previous attempt, delivered after begin(): nothing to take
+                pass  # a step of the previous attempt, reported after begin(): nothing to take
+            self._wake()
 
-    def replace(self, step: int, rank: int, sample_id: int, reason: str, key: str = "") -> int:
+    async def replace(self, step: int, rank: int, sample_id: int, reason: str, key: str = "") -> int:
         """Count ``sample_id`` as bad for ``reason`` and return another unused sample of its class (-1: none left).
 
         Raises DataQualityError once bad samples exceed ``data.max_bad_fraction``.
@@ -165,11 +181,11 @@ class PlannerActor:
         r = self.report
         check_bad_fraction(r.counts, r.seen, self.max_bad_fraction, r.items)
 
-    def state_dict(self, step: int) -> dict:
+    async def state_dict(self, step: int) -> dict:
         """The planner's state as of ``step`` (for a checkpoint of that step), as numpy arrays and ints."""
         return self.planner.state_dict(step)
 
-    def fetch(self) -> dict:
+    async def fetch(self) -> dict:
         """The bad-input report (``pipeline.data.report.fetch_report``'s dict), with the finished passes' leftovers as ``unused``."""
         out = self.report.fetch()
         out["unused"] = int(sum(self.planner.unused)) if self.planner is not None else 0
@@ -187,6 +203,8 @@ def create_planner(name: str, *args, **kwargs):
     """
     import ray
 
+    # Async methods, one event loop: calls never run concurrently with each other, and a
+    # slice waiting for the trainers does not hold up done() or the other ranks.
     cls = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=0)(PlannerActor)
     return cls.options(name=name, get_if_exists=True).remote(*args, **kwargs)
 

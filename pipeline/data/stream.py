@@ -42,9 +42,6 @@ from pipeline.data.decode import decode_into
 from pipeline.data.reader import jpeg_problem
 from pipeline.data.report import REASONS
 
-WAIT_S = 0.02
-"""Sleep between asks while the planner says a slice is too far ahead."""
-
 MAX_REPLACEMENTS = 8
 """Replacements tried for one slot before it is filled with a copy of a classmate."""
 
@@ -83,8 +80,7 @@ class FetchDecode:
                 return part
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the batch planner kept rank {self.rank}'s slice of step {step} waiting for "
-                                   f"{self.timeout_s:.0f}s (another rank's stream stopped?)")
-            time.sleep(WAIT_S)
+                                   f"{self.timeout_s:.0f}s (another rank stopped training?)")
 
     def _read(self, ids: np.ndarray) -> list[bytes | None]:
         from pipeline.data.index import read_samples
@@ -201,7 +197,7 @@ def build_train_datasets(cfg, planner: str, start_step: int) -> dict:
         # they catch up; with many steps per block the trainers would wait for a task that
         # waits for them.
         ds = ray.data.range(n, override_num_blocks=max(1, n))
-        out[f"train_{rank}"] = ds.map_batches(
+        ds = ds.map_batches(
             FetchDecode, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=cfg.data.decode_concurrency),
             fn_constructor_kwargs={"planner": planner, "rank": rank, "start_step": start_step, "index_root": root,
                                    "size": cfg.data.image_size, "augment": cfg.data.augment,
@@ -209,6 +205,9 @@ def build_train_datasets(cfg, planner: str, start_step: int) -> dict:
                                    "slice_images": cfg.batch.classes_per_batch // cfg.scaling.num_workers
                                    * cfg.batch.images_per_class},
         )
+        # Row i must be step start + i (a consumer other than the trainer, whose DataConfig sets it too).
+        ds.context.execution_options.preserve_order = True
+        out[f"train_{rank}"] = ds
     return out
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.e2e
-STEPS = 100
+STEPS = 300  # the planned stream trains ~15 steps/s here: refreshes (0.5-5 s) must land mid-run
 KILL_AFTER = 40
 
 
