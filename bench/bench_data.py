@@ -272,7 +272,7 @@ def stream_rate(train_dir: str, size: int, epochs: float = 4, classes_per_batch:
 
     from pipeline.config import load_config
     from pipeline.data.planner_actor import create_planner
-    from pipeline.data.stream import build_train_datasets
+    from pipeline.data.stream import build_train_datasets, stream_shape
 
     with open(os.path.join(os.path.dirname(train_dir), "manifest.json")) as f:
         images = json.load(f)["splits"]["train"]["images"]
@@ -281,7 +281,7 @@ def stream_rate(train_dir: str, size: int, epochs: float = 4, classes_per_batch:
                              f"batch.classes_per_batch={classes_per_batch}", f"train.steps={steps + start_step}",
                              f"data.decode_concurrency={decoders}"])
     name = f"bench-planner-{time.monotonic_ns()}"
-    planner = create_planner(name, os.path.dirname(train_dir), classes_per_batch, 2, 1, 0, max_lead=64)
+    planner = create_planner(name, os.path.dirname(train_dir), classes_per_batch, 2, 1, 0, max_lead=stream_shape(cfg)[1])
     state = None
     if start_step:  # the planner's state as of start_step, as a checkpoint would hold it
         from pipeline.data.index import class_ranges, load_index

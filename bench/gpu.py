@@ -144,7 +144,7 @@ def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir:
     from pipeline.data.layouts import synthetic_classes
     from pipeline.data.shards import write_shards
     from pipeline.data.planner_actor import create_planner
-    from pipeline.data.stream import build_train_datasets
+    from pipeline.data.stream import build_train_datasets, stream_shape
 
     n_cls, per = (40, 8) if dry else (400, 20)
     write_shards(synthetic_classes(n_cls, per, image_size=size, seed=0), workdir, holdout_fraction=0.0,
@@ -160,7 +160,7 @@ def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir:
                              f"batch.classes_per_batch={classes_per_batch}", f"train.steps={steps}",
                              f"data.decode_concurrency={2 if dry else max(2, (os.cpu_count() or 2) - 2)}"])
     name = f"gpu-bench-planner-{size}"
-    planner = create_planner(name, workdir, classes_per_batch, 2, 1, 0, max_lead=64)
+    planner = create_planner(name, workdir, classes_per_batch, 2, 1, 0, max_lead=stream_shape(cfg)[1])
     ray.get(planner.begin.remote(0, None))
     ds = build_train_datasets(cfg, name, 0)["train_0"]
     it = ds.iter_torch_batches(batch_size=1, prefetch_batches=4, pin_memory=not dry)

@@ -37,7 +37,7 @@ class DataConfig:
     class_sampling: Literal["uniform", "proportional"] = "uniform"
     """How the planner draws a step's classes without the miner: ``uniform`` among the classes with enough unused samples, or ``proportional`` to what they have left (classes then run out together, fewer leftovers at the end of a pass)."""
     max_lead: int = 16
-    """Steps the batch planner may plan ahead of the slowest rank's stream (with the miner: at least ``miner.refresh_every``)."""
+    """Steps the batch planner may plan ahead of the slowest rank's training: with the miner at least ``max(16, miner.refresh_every)`` (selections use embeddings about that old); without, at least 2 x ``decode_concurrency`` x 32 (``pipeline.data.stream.stream_shape``)."""
     augment: bool = True
     """Random horizontal flip during training."""
     epochs: int = 0

@@ -30,7 +30,7 @@ from pipeline.config import Config, dump_yaml, to_dict
 from pipeline.data import report
 from pipeline.data.manifest import class_models, manifest_dir, prepare_data
 from pipeline.data.planner_actor import create_planner, planner_name
-from pipeline.data.stream import build_train_datasets, data_config
+from pipeline.data.stream import build_train_datasets, data_config, stream_shape
 from pipeline.eval.evaluate import evaluate_state
 from pipeline.mining.refresh import start_miner
 from pipeline.models import initial_state
@@ -65,7 +65,7 @@ def run_training(cfg: Config) -> dict:
         t0 = time.time()
         # The run's actors live as long as these handles: keep them until fit ends.
         miner = start_miner(cfg, uri, run_id) if cfg.miner.enabled else None
-        lead = max(cfg.data.max_lead, miner.max_lead) if miner else cfg.data.max_lead
+        _, lead = stream_shape(cfg, miner.max_lead if miner else 0)
         planner = create_planner(
             report_name, str(manifest_dir(cfg.data.train) or cfg.data.train), cfg.batch.classes_per_batch,
             cfg.batch.images_per_class, cfg.scaling.num_workers, cfg.train.seed, sampling=cfg.data.class_sampling,
@@ -73,7 +73,8 @@ def run_training(cfg: Config) -> dict:
             selector=miner.selector(cfg.miner.pool_classes) if miner else None,
             random_every=10 if miner else 0, max_passes=cfg.data.epochs)
         actors = miner.actors if miner else []
-        datasets = build_train_datasets(cfg, report_name, int(latest["step"]) if latest else 0)
+        datasets = build_train_datasets(cfg, report_name, int(latest["step"]) if latest else 0,
+                                        miner.max_lead if miner else 0)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id,

@@ -133,7 +133,7 @@ def test_sigterm_ends_the_mlflow_run_killed(tiny_shards, tmp_path):
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.train", "--config", str(Path(__file__).parents[2] / "configs/quickstart.yaml"),
-         f"data.train={tiny_shards}/train", "data.eval=", "data.image_size=32", "train.steps=100000",
+         f"data.train={tiny_shards}/train", "data.eval=", "data.image_size=32", "train.steps=5000",
          "batch.classes_per_batch=4", "miner.pool_classes=8", "train.log_every=1"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -18,6 +18,7 @@ FIXED_KEYS = {
     "model.norm": ("grup", "group"),
     "train.optimizer": ("adamw", "adam"),
     "miner.index": ("hnsww", "hnsw"),
+    "data.class_sampling": ("proportionel", "proportional"),
 }
 
 
