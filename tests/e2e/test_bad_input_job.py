@@ -101,4 +101,5 @@ def test_too_many_bad_images_stop_the_job_naming_the_shard(bad_shards, tmp_path)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED"
     rep = _report(client, run.info.run_id, tmp_path)
-    assert rep["counts"]["corrupt_image"] >= N_BAD and {i["key"] for i in rep["items"]} <= bad
+    # The planner stops at the first bad sample found once 200 samples are planned: 1 to N_BAD of them.
+    assert 1 <= rep["counts"]["corrupt_image"] <= N_BAD and {i["key"] for i in rep["items"]} <= bad
