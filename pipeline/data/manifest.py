@@ -150,12 +150,6 @@ def prepare_data(cfg) -> None:
     cfg.data.image_size = resolve_image_size(cfg)
 
 
-def manifest_images(spec: str) -> int | None:
-    """Images of the train split of the shard set at ``spec``, or None without a manifest."""
-    manifest = find_manifest(spec)
-    return manifest["splits"]["train"]["images"] if manifest else None
-
-
 def class_models(cfg) -> dict[int, int] | None:
     """Class id -> vehicle model id (-1 unknown) from the shards' manifest, for the Mixed Difference Network.
 
