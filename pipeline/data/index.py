@@ -306,12 +306,13 @@ def _find_root(where: str | Path) -> Path:
     raise ShardError(f"no {MANIFEST} in {p} or its parent: give the directory `python -m jobs.make_shards` wrote")
 
 
-def load_index(where: str | Path, split: str = "train", verify: bool = False) -> SampleIndex:
+def load_index(where: str | Path, split: str = "train", verify: bool = False, missing_ok: bool = False) -> SampleIndex:
     """Open the ``split`` index of the shard set at ``where`` (OUT, ``OUT/<split>`` or ``OUT/manifest.json``).
 
     Checks that the index describes the shards the manifest lists now (same paths, in the
     same order, same sha256) and that each shard file has the size the index recorded;
-    ``verify`` also re-hashes every shard (reads them all). Returns a :class:`SampleIndex`
+    ``verify`` also re-hashes every shard (reads them all); ``missing_ok`` lets shards be absent
+    (a node's cache of a remote set, ``pipeline.data.cache``, fetches them before reading). Returns a :class:`SampleIndex`
     whose columns are memory-mapped. Raises :class:`ShardError` when there is no manifest
     or no index, or the index is stale (shards rewritten since), each saying to run
     ``python -m jobs.make_shards --reindex OUT``; ValueError for an unknown split.
@@ -337,6 +338,10 @@ def load_index(where: str | Path, split: str = "train", verify: bool = False) ->
         p = root / s["path"]
         try:
             got = p.stat().st_size
+        except FileNotFoundError:
+            if missing_ok:
+                continue
+            raise ShardError(f"{p}: listed in the {split} index but missing; {fix} after restoring the shard set") from None
         except OSError as e:
             raise ShardError(f"{p}: listed in the {split} index but cannot be read ({e}); {fix} after "
                              "restoring the shard set") from e
