@@ -56,7 +56,8 @@ class PlannerActor:
         from pipeline.data.index import class_ranges, load_index
 
         # A URI: the index from this node's cache (pipeline.data.cache); the planner reads no shard.
-        index = load_index(local_root(index_root, cache_dir), "train", missing_ok=is_remote(index_root))
+        index = load_index(local_root(index_root, cache_dir), "train", missing_ok=is_remote(index_root),
+                           allow_cut=True)
         self.paths = list(index.paths)
         class_ids, starts, counts = class_ranges(index)
         self.report = DataReport()

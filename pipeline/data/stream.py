@@ -74,7 +74,7 @@ class FetchDecode:
         # the index now, each shard before the first read that touches it.
         self.remote = RemoteSet(index_root, cache_dir) if is_remote(index_root) else None
         root = str(self.remote.localize()) if self.remote else index_root
-        self.index = load_index(root, "train", missing_ok=self.remote is not None)
+        self.index = load_index(root, "train", missing_ok=self.remote is not None, allow_cut=True)
         self.cached = np.zeros(len(self.index.paths), dtype=bool)
         self.timeout_s, self.mining, self.slice_images = timeout_s, mining, slice_images
 
@@ -226,7 +226,11 @@ def build_train_datasets(cfg, planner: str, start_step: int, miner_lead: int = 0
     root = index_spec(cfg.data.train)
     per_block, _ = stream_shape(cfg, miner_lead)
     # Fail here, naming the fix, not in a Ray Data actor.
-    load_index(local_root(root, cfg.data.cache_dir), "train", missing_ok=is_remote(root))
+    index = load_index(local_root(root, cfg.data.cache_dir), "train", missing_ok=is_remote(root), allow_cut=True)
+    for path, (now, then) in index.cut.items():
+        print(f"[data] warning: shard {path} is cut short ({now} of {then} indexed bytes): its samples past the cut "
+              "are counted as truncated_tar and replaced by classmates; rewrite it with `python -m jobs.make_shards`",
+              flush=True)
     out = {}
     for rank in range(cfg.scaling.num_workers):
         n = max(0, cfg.train.steps - start_step)
