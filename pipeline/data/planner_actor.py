@@ -72,6 +72,7 @@ class PlannerActor:
         self.max_bad_fraction, self.random_every, self.max_passes = max_bad_fraction, random_every, max_passes
         self.planner = None
         self.start, self.attempt, self.seen = 0, 0, 0
+        self.done_through: dict[int, int] = {}  # rank -> last step it reported trained (this attempt)
         self.selected: dict[int, dict] = {}  # step -> the miner's answer when it was planned
         self._event = asyncio.Event()  # set (and replaced) whenever a waiting slice may go on
 
@@ -102,7 +103,7 @@ class PlannerActor:
         else:
             state = {k: (np.asarray(v) if hasattr(v, "__len__") else int(v)) for k, v in state.items()}
             self.planner = BatchPlanner.from_state(*self.ranges, state=state, **self.args)
-        self.start, self.selected = int(start_step), {}
+        self.start, self.selected, self.done_through = int(start_step), {}, {}
         self.attempt += 1
         self._wake()
         return self.attempt
@@ -151,6 +152,21 @@ class PlannerActor:
                 out["side_ids"], out["side_labels"] = self._side(step, len(part.sample_ids))
         return out
 
+    async def slices(self, steps: list[int], rank: int, wait_s: float = 10.0) -> list[dict]:
+        """:meth:`slice` of each of ``steps`` in order, in one call: the parts up to the first step that
+        must wait (that one waits up to ``wait_s``, as :meth:`slice`); at least one entry, which may
+        be ``{"wait": True}``. A fetch actor asks for its whole block at once: one call per block
+        instead of one per step (~2 ms of the planner's CPU per call on this machine)."""
+        out = []
+        for i, step in enumerate(steps):
+            part = await self.slice(step, rank, wait_s if i == 0 else 0.0)
+            if part.get("wait") and out:
+                break
+            out.append(part)
+            if part.get("wait") or part.get("end"):
+                break
+        return out
+
     def _side(self, step: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         labels, starts, counts = self.ranges
         m = self.args["images_per_class"]
@@ -160,13 +176,18 @@ class PlannerActor:
         return ids.astype(np.int64), np.repeat(labels[classes], m).astype(np.int64)
 
     async def done(self, step: int, rank: int) -> None:
-        """Rank ``rank`` has trained ``step`` (its stream made its last ``replace`` for it before)."""
-        if self.planner is not None and step >= self.start:
-            try:
-                self.planner.take(step, rank)
-            except ValueError:
-                pass  # a step of the previous attempt, reported after begin(): nothing to take
-            self._wake()
+        """Rank ``rank`` has trained every step up to ``step`` (its stream made its last ``replace``
+        for them before). Trainers call it every few steps, not after each (``pipeline.train.loop``)."""
+        if self.planner is None or step < self.start:
+            return
+        first = max(self.start, self.done_through.get(rank, -1) + 1)
+        try:
+            for s in range(first, step + 1):
+                self.planner.take(s, rank)
+        except ValueError:
+            return  # a step of the previous attempt, reported after begin(): nothing to take
+        self.done_through[rank] = max(step, self.done_through.get(rank, -1))
+        self._wake()
 
     async def replace(self, step: int, rank: int, sample_id: int, reason: str, key: str = "") -> int:
         """Count ``sample_id`` as bad for ``reason`` and return another unused sample of its class (-1: none left).

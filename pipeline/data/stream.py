@@ -61,7 +61,7 @@ class FetchDecode:
 
     def __init__(self, planner: str, rank: int, start_step: int, index_root: str, size: int, augment: bool,
                  seed: int, slice_images: int, mining: bool = False, timeout_s: float = 300.0,
-                 cache_dir: str = "") -> None:
+                 cache_dir: str = "", prefetch: int = 1, end_step: int = 0) -> None:
         import ray
 
         from pipeline.data.cache import RemoteSet, is_remote
@@ -76,16 +76,30 @@ class FetchDecode:
         root = str(self.remote.localize()) if self.remote else index_root
         self.index = load_index(root, "train", missing_ok=self.remote is not None, allow_cut=True)
         self.cached = np.zeros(len(self.index.paths), dtype=bool)
+        self.prefetch, self.ahead, self.end_step = max(1, prefetch), {}, end_step or (1 << 62)
         self.timeout_s, self.mining, self.slice_images = timeout_s, mining, slice_images
 
     def _slice(self, step: int) -> dict:
+        """Rank ``rank``'s part of plan ``step``, from parts fetched ahead or from the planner.
+
+        One planner call asks for ``step`` and the next ``ahead - 1`` steps (the planner hands out
+        those it may plan now, waiting only for the first): Ray Data gives a block's rows to one
+        actor in order, so the next rows' parts are usually here already. ~2 ms of the planner's
+        CPU per call on this machine: one per row was a quarter of the stream's cost.
+        """
         import ray
 
+        part = self.ahead.pop(step, None)
+        if part is not None:
+            return part
+        self.ahead.clear()  # parts of another actor's block, or of a step this actor will not get
         deadline = time.monotonic() + self.timeout_s
         while True:
-            part = ray.get(self.planner.slice.remote(step, self.rank))
-            if not part.get("wait"):
-                return part
+            ask = list(range(step, max(step + 1, min(step + self.prefetch, self.end_step))))
+            parts = ray.get(self.planner.slices.remote(ask, self.rank))
+            if not parts[0].get("wait"):
+                self.ahead = {step + i: p for i, p in enumerate(parts[1:], 1)}
+                return parts[0]
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the batch planner kept rank {self.rank}'s slice of step {step} waiting for "
                                    f"{self.timeout_s:.0f}s (another rank stopped training?)")
@@ -117,35 +131,41 @@ class FetchDecode:
         key = self.seed ^ _mix64(np.uint64(step))
         return (_mix64(ids.astype(np.uint64) ^ key) >> np.uint64(63)) == 1
 
-    def _step(self, step: int) -> dict:
-        part = self._slice(step)
+    def _step(self, step: int, part: dict, images: np.ndarray, rand_images: np.ndarray | None) -> dict:
+        """Row ``step`` from the planner's ``part``; its images are decoded into ``images`` (and the side
+        batch's into ``rand_images``), views of the output block's column."""
         if part.get("skip") or part.get("end"):
+            images[...] = 0
             return part
-        out = self._fill(step, part["sample_ids"].copy(), part["labels"], replace=True)
+        out = self._fill(step, part["sample_ids"].copy(), part["labels"], images, replace=True)
         if "side_ids" in part:
-            side = self._fill(step, part["side_ids"].copy(), part["side_labels"], replace=False)
-            out.update(rand_images=side["images"], rand_labels=side["labels"], has_rand=True)
+            side = self._fill(step, part["side_ids"].copy(), part["side_labels"], rand_images, replace=False)
+            out.update(rand_labels=side["labels"], has_rand=True)
+        elif rand_images is not None:
+            rand_images[...] = 0
         out["pass"] = part["pass"]
         for k in ("select_ms", "miner_version", "fallbacks"):
             if k in part:
                 out[k] = part[k]
         return out
 
-    def _fill(self, step: int, ids: np.ndarray, labels: np.ndarray, replace: bool) -> dict:
-        """Read and decode ``ids``; bad ones are replaced through the planner (``replace``) or by classmates."""
+    def _fill(self, step: int, ids: np.ndarray, labels: np.ndarray, images: np.ndarray, replace: bool) -> dict:
+        """Read and decode ``ids`` into ``images``; bad ones are replaced through the planner (``replace``) or by classmates."""
         import ray
 
-        images = np.empty((len(ids), self.size, self.size, 3), dtype=np.uint8)
         bad = np.zeros(len(REASONS), dtype=np.int64)
         todo = np.arange(len(ids))
         for attempt in range(MAX_REPLACEMENTS + 1):
             jpgs = self._read(ids[todo])
             problems = ["truncated_tar" if b is None else jpeg_problem(b) for b in jpgs]
             readable = np.flatnonzero([p is None for p in problems])
-            if len(readable):
+            if len(readable) == len(ids):  # the usual case: decode straight into the output, no copy
+                decoded = decode_into(jpgs, images, self._flips(ids, step))
+            elif len(readable):
                 buf = np.empty((len(readable), self.size, self.size, 3), dtype=np.uint8)
                 decoded = decode_into([jpgs[j] for j in readable], buf, self._flips(ids[todo[readable]], step))
                 images[todo[readable[decoded]]] = buf[decoded]
+            if len(readable):
                 for j in readable[~decoded]:
                     problems[j] = "corrupt_image"
             failed = [(slot, why) for slot, why in zip(todo, problems) if why is not None]
@@ -161,21 +181,27 @@ class FetchDecode:
             if not len(todo):
                 break
         _copy_classmates(images, labels, ids)
-        return {"images": images, "labels": labels, "sample_ids": ids, "bad": bad}
+        return {"labels": labels, "sample_ids": ids, "bad": bad}
 
     def __call__(self, batch: dict) -> dict:
-        rows = [self._step(self.start + int(s)) for s in batch["id"]]
-        out = {"step": np.asarray([self.start + int(s) for s in batch["id"]], dtype=np.int64),
-               "skip": np.asarray([bool(r.get("skip") or r.get("end")) for r in rows]),
-               "end": np.asarray([bool(r.get("end")) for r in rows])}
-        shape = (self.slice_images, self.size, self.size, 3)  # skipped steps too: one tensor shape for the column
-        empty = {"images": np.zeros(shape, np.uint8), "labels": np.full(shape[0], -1, np.int64),
-                 "sample_ids": np.full(shape[0], -1, np.int64), "bad": np.zeros(len(REASONS), np.int64), "pass": -1}
+        """The rows of ``batch``'s steps (Ray Data gives one at a time: ``batch_size=1``, see
+        :func:`build_train_datasets`), their images decoded straight into the output column."""
+        steps = [self.start + int(s) for s in batch["id"]]
+        shape = (len(steps), self.slice_images, self.size, self.size, 3)
+        out = {"images": np.empty(shape, np.uint8)}
+        if self.mining:
+            out["rand_images"] = np.empty(shape, np.uint8)
+        empty = {"labels": np.full(shape[1], -1, np.int64), "sample_ids": np.full(shape[1], -1, np.int64),
+                 "bad": np.zeros(len(REASONS), np.int64), "pass": -1}
         if self.mining:  # fixed-shape columns on every row, so Ray Data keeps tensor columns
-            empty.update(rand_images=empty["images"], rand_labels=empty["labels"], has_rand=False,
-                         select_ms=0.0, miner_version=-1, fallbacks=0)
-        for k in empty:
-            out[k] = np.stack([np.asarray(r.get(k, empty[k])) for r in rows])
+            empty.update(rand_labels=empty["labels"], has_rand=False, select_ms=0.0, miner_version=-1, fallbacks=0)
+        rows = [self._step(step, self._slice(step), out["images"][i], out["rand_images"][i] if self.mining else None)
+                for i, step in enumerate(steps)]
+        out.update(step=np.asarray(steps, dtype=np.int64),
+                   skip=np.asarray([bool(r.get("skip") or r.get("end")) for r in rows]),
+                   end=np.asarray([bool(r.get("end")) for r in rows]))
+        for k, default in empty.items():
+            out[k] = np.stack([np.asarray(r.get(k, default)) for r in rows])
         return out
 
 
@@ -236,11 +262,14 @@ def build_train_datasets(cfg, planner: str, start_step: int, miner_lead: int = 0
         n = max(0, cfg.train.steps - start_step)
         ds = ray.data.range(n, override_num_blocks=max(1, -(-n // per_block)))
         ds = ds.map_batches(
+            # One row per call: a call that waits in the planner for the trainers must not hold rows
+            # of an earlier block (a batch of a block's rows deadlocked here: the block never left).
             FetchDecode, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=cfg.data.decode_concurrency),
             fn_constructor_kwargs={"planner": planner, "rank": rank, "start_step": start_step, "index_root": root,
                                    "size": cfg.data.image_size, "augment": cfg.data.augment,
                                    "seed": cfg.train.seed, "mining": cfg.miner.enabled,
-                                   "cache_dir": cfg.data.cache_dir,
+                                   "cache_dir": cfg.data.cache_dir, "prefetch": per_block,
+                                   "end_step": cfg.train.steps,
                                    "slice_images": cfg.batch.classes_per_batch // cfg.scaling.num_workers
                                    * cfg.batch.images_per_class},
         )
