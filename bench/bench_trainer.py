@@ -31,29 +31,30 @@ def run_steps(steps: int, backbone: str, batch: int, size: int, report=None) -> 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from pipeline.config import ModelConfig
+    from pipeline.config import ModelConfig, load_config
     from pipeline.losses import build_loss
     from pipeline.models import build_model
+    from pipeline.train.step import MetricObjective, TrainStep, make_optimizer, make_scheduler
 
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = DistributedDataParallel(build_model(ModelConfig(backbone=backbone, embedding_dim=64)))
-    loss_fn = build_loss("npair_mc", cross_rank=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # The project's own step (pipeline.train.step), as jobs.train runs it.
+    cfg = load_config(None, ["train.lr=0.01", f"train.steps={steps}"])
+    opt = make_optimizer(cfg, model)
+    train_step = TrainStep(model, MetricObjective(build_loss("npair_mc", cross_rank=True)), opt,
+                           make_scheduler(cfg, opt))
     g = torch.Generator().manual_seed(rank)
     x = torch.randint(0, 255, (batch, size, size, 3), dtype=torch.uint8, generator=g)
     y = torch.arange(batch // 2).repeat_interleave(2) + rank * batch
     times, first = [], time.time()
     for _ in range(steps):
         t = time.perf_counter()
-        loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(x, y)
         times.append(time.perf_counter() - t)
         if report is not None:
-            report(loss.item())
+            report(train_step)
     return {"median_step_s": statistics.median(times[5:]), "first_step_wall": first}
 
 
@@ -97,11 +98,12 @@ def _ray_loop(config: dict) -> None:
 
     step = [0]
 
-    def report(loss: float) -> None:
-        # As the project's loop does: every rank reports every log_every (10) steps.
+    def report(train_step) -> None:
+        # As the project's loop does: every rank reports every log_every (10) steps, reading
+        # the interval's mean loss then (the one host sync of the interval).
         step[0] += 1
         if step[0] % 10 == 0:
-            ray.train.report({"loss": loss})
+            ray.train.report({"loss": train_step.read()["train/loss"]})
 
     res = run_steps(config["steps"], config["backbone"], config["batch"], config["size"], report)
     # Ray Train V2 keeps metrics only with checkpoints; rank 0 writes its figures to a file

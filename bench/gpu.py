@@ -96,16 +96,19 @@ def build(name: str, torch, dry: bool):
 
 def train_rate(torch, device, model, size: int, batch: int, steps: int, compile_: bool, batches=None) -> dict:
     """Images/s of N-pair training steps; ``batches`` (an iterator of (images, labels)) = real stream."""
+    from pipeline.config import load_config
     from pipeline.losses import build_loss
+    from pipeline.train.step import MetricObjective, TrainStep, make_optimizer, make_scheduler
 
     model = model.to(device).to(memory_format=torch.channels_last)
-    if compile_:
-        model = torch.compile(model)
-    loss_fn = build_loss("npair_mc")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if compile_ else model
+    # The project's own step (pipeline.train.step), as jobs.train runs it: bf16 on the GPU.
+    cfg = load_config(None, ["train.lr=0.01", f"train.steps={steps + 3}", "train.weight_decay=0"])
+    opt = make_optimizer(cfg, model)
+    train_step = TrainStep(forward, MetricObjective(build_loss("npair_mc")), opt, make_scheduler(cfg, opt),
+                           precision="bf16" if device.type == "cuda" else "fp32", device=device)
     labels = torch.arange(batch // 2, device=device).repeat_interleave(2)
     synth = torch.randint(0, 255, (batch, size, size, 3), dtype=torch.uint8, device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     wait = 0.0
     done = 0
     t0 = None
@@ -123,12 +126,7 @@ def train_rate(torch, device, model, size: int, batch: int, steps: int, compile_
             wait += time.perf_counter() - tw
         else:
             x, y = synth, labels
-        with amp:
-            emb = model(x)
-        loss = loss_fn(emb.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(x, y)
         done += x.shape[0]
     sync(torch, device)
     dt = time.perf_counter() - (t0 or time.perf_counter())

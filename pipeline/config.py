@@ -115,7 +115,23 @@ class TrainConfig:
     optimizer: Literal["sgd", "adam"] = "sgd"
     """sgd (momentum 0.9) or adam."""
     weight_decay: float = 5e-4
-    """Weight decay of the optimizer."""
+    """Weight decay of the optimizer, on weights only: biases and normalisation layers' weights (every 1-d parameter) are not decayed (``pipeline.train.step.param_groups``)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Forward/backward precision: ``fp32``; ``bf16`` (autocast, on CUDA and on CPUs torch supports it for; losses in fp32); ``fp16`` (autocast with a gradient scaler; CUDA only: needs ``scaling.use_gpu``)."""
+    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
+    """Learning-rate schedule after the warm-up: ``constant``; ``cosine`` (from ``train.lr`` down to 0 at ``train.steps``); ``step`` (times ``train.lr_gamma`` at each of ``train.lr_milestones``). Logged as ``train/lr``."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from ``train.lr / warmup_steps`` to ``train.lr``; 0 = none."""
+    lr_milestones: list[int] = field(default_factory=list)
+    """``step`` schedule: the steps at which the learning rate is multiplied by ``train.lr_gamma``."""
+    lr_gamma: float = 0.1
+    """``step`` schedule: the factor applied at each milestone."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value before each optimizer step; 0 = off. The norm before clipping is logged (``train/grad_norm``) at log steps."""
+    compile: bool = False
+    """``torch.compile`` the model (first steps are slower while it compiles; needs a C++ compiler on CPU)."""
+    channels_last: bool = True
+    """Keep the model's weights and activations in channels-last memory format (faster convolutions on GPUs with tensor cores and on recent CPUs)."""
     seed: int = 0
     """Seeds model init, augmentation and batch composition."""
     log_every: int = 10
@@ -204,6 +220,14 @@ class Config:
             ("model.embedding_dim", self.model.embedding_dim >= 1, "must be >= 1"),
             ("model.num_vehicle_models", self.model.num_vehicle_models >= 1, "must be >= 1"),
             ("loss.model_branch_weight", self.loss.model_branch_weight >= 0, "must be >= 0"),
+            ("train.warmup_steps", 0 <= self.train.warmup_steps < self.train.steps, "must be >= 0 and below train.steps"),
+            ("train.grad_clip", self.train.grad_clip >= 0, "must be >= 0 (0 = off)"),
+            ("train.lr_gamma", self.train.lr_gamma > 0, "must be > 0"),
+            ("train.lr_milestones", list(self.train.lr_milestones) == sorted(set(self.train.lr_milestones))
+             and all(0 < m < self.train.steps for m in self.train.lr_milestones),
+             "must be increasing steps between 1 and train.steps - 1"),
+            ("train.precision", self.train.precision != "fp16" or self.scaling.use_gpu,
+             "fp16 needs scaling.use_gpu=true (on a CPU use bf16 or fp32)"),
         ]
         for key, ok, why in checks:
             if not ok:

@@ -31,15 +31,9 @@ import numpy as np
 import torch
 
 from pipeline.train.checkpoint import CKPT_FILE, load_checkpoint, load_checkpoint_dir, save_checkpoint, set_rng_state
+from pipeline.train.step import MetricObjective, MixedDiffObjective, TrainStep, make_optimizer, make_scheduler
 
-__all__ = ["CKPT_FILE", "load_checkpoint", "make_optimizer", "train_loop_per_worker"]
-
-
-def make_optimizer(cfg, params):
-    """SGD with momentum 0.9 or Adam, per ``train.optimizer``."""
-    if cfg.train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
+__all__ = ["CKPT_FILE", "load_checkpoint", "train_loop_per_worker"]
 
 
 def side_embeddings(module: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -161,16 +155,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if resume is not None:
         # Before prepare_model: DDP broadcasts rank 0's weights when it wraps the model.
         model.load_state_dict(resume["model"])
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the *_object collectives below use the current device with nccl
     cross_rank = cfg.loss.cross_rank if cfg.loss.cross_rank is not None else world > 1
     loss_fn = build_loss(cfg.loss.name, l2_reg=cfg.loss.l2_reg, margin=cfg.loss.margin, cross_rank=cross_rank)
-    optimizer = make_optimizer(cfg, model.parameters())
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer)
     step, planner_state = 0, None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("scheduler"):
+            scheduler.load_state_dict(resume["scheduler"])
         set_rng_state(resume["rng"])
         step, planner_state = resume["step"], resume.get("planner")
         if resume["run_id"] != loop_config["run_id"]:
@@ -199,18 +198,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         refresher = AsyncRefresh(loop_config["miner"]["refresher"])
 
-    model_of_class = None
+    objective = MetricObjective(loss_fn)
     if loop_config.get("class_models"):
-        from pipeline.models.mixed_diff import model_branch_loss
-
         cm = loop_config["class_models"]
         model_of_class = torch.full((max(int(k) for k in cm) + 1,), -1, dtype=torch.long, device=device)
         for k, v in cm.items():
             model_of_class[int(k)] = int(v)
+        objective = MixedDiffObjective(loss_fn, model_of_class, cfg.loss.model_branch_weight)
+    forward = torch.compile(model) if cfg.train.compile else model
+    train_step = TrainStep(forward, objective, optimizer, scheduler, cfg.train.precision, cfg.train.grad_clip, device)
 
     # Rank r reads only its own stream: row i of train_r is slice r of plan (job start + i).
     shard = ray.train.get_dataset_shard(f"train_{rank}")
-    t_last, t_wait, losses = time.perf_counter(), 0.0, []
+    t_last, t_wait, n_steps = time.perf_counter(), 0.0, 0
     t_fetch = time.perf_counter()
     for batch in shard.iter_torch_batches(batch_size=1, prefetch_batches=2):
         if bool(batch["end"][0]):
@@ -224,21 +224,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         images = batch["images"][0].to(device, non_blocking=True)
         labels = batch["labels"][0].to(device)
         model.train()
-        branch = {}
-        if model_of_class is not None:
-            # Mixed Difference Network: metric loss on the fused embedding + the model
-            # branch's cross-entropy; called through the DDP wrapper so gradients sync.
-            emb, logits = model(images, return_logits=True)
-            metric = loss_fn(emb, labels)
-            ce = model_branch_loss(logits, model_of_class[labels])
-            loss = metric + cfg.loss.model_branch_weight * ce
-            branch = {"train/metric_loss": metric.item(), "train/model_ce": ce.item()}
-        else:
-            emb = model(images)
-            loss = loss_fn(emb, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        lr = train_step.lr()
+        emb = train_step(images, labels)
         step += 1
         # Tell the planner this rank trained the steps so far: it plans at most data.max_lead
         # steps past the slowest *trainer*, so mined selections use recent class embeddings
@@ -247,14 +234,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # handles a quarter of the calls (~2 ms of its CPU each).
         if step % done_every == 0 or step == cfg.train.steps:
             planner_handle.done.remote(step - 1, rank)
-        losses.append(loss.item())
+        n_steps += 1
         if ledger is not None:
             ids = batch["sample_ids"][0].cpu().numpy().astype(np.int64)
             keep = ids >= 0  # -1: a slot the stream filled with a copy of another image, not a sample
             ledger.write(step, ids[keep], batch["labels"][0].cpu().numpy()[keep], int(batch["pass"][0]))
         if metrics_out is not None:
             t_mine = time.perf_counter()
-            row = {"train/loss": losses[-1], **branch, **_mining_metrics(batch, emb, labels, _unwrap(model), step)}
+            row = _mining_metrics(batch, emb, labels, _unwrap(model), step) if loop_config.get("miner") else {}
             if refresher is not None:
                 done = refresher.poll()
                 if done is not None:
@@ -265,23 +252,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     refresher.request({k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}, step)
                     row["mine/refresh_skipped"] = refresher.skipped
                     row["mine/refresh_failed"] = refresher.failed
-            row["mine/rank0_overhead_ms"] = 1000.0 * (time.perf_counter() - t_mine)
+            if loop_config.get("miner"):
+                row["mine/rank0_overhead_ms"] = 1000.0 * (time.perf_counter() - t_mine)
             if step % cfg.train.log_every == 0 or step >= cfg.train.steps:
                 row.update(_data_metrics(planner))  # the run's skipped-sample counts per reason so far
-            metrics_out.add(step, row)
+            if row:
+                metrics_out.add(step, row)
         last = step >= cfg.train.steps
         want_ckpt = last or bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
         if step % cfg.train.log_every == 0 or want_ckpt:
             dt = time.perf_counter() - t_last
-            n = len(losses)
+            terms = train_step.read()  # the interval's mean losses: the one host sync of the interval
             m = {
                 "step": step,
-                "loss": sum(losses) / n,
-                "images_per_s": n * images.shape[0] * world / dt,
+                "loss": terms["train/loss"],
+                "images_per_s": n_steps * images.shape[0] * world / dt,
                 "data_wait_frac": t_wait / dt,
             }
             if metrics_out is not None:
-                metrics_out.add(step, {"train/images_per_s": m["images_per_s"], "train/data_wait_frac": m["data_wait_frac"]})
+                metrics_out.add(step, {**terms, "train/lr": lr, "train/images_per_s": m["images_per_s"],
+                                       "train/data_wait_frac": m["data_wait_frac"]})
                 metrics_out.flush()
                 print(f"[train] step {step}/{cfg.train.steps} loss {m['loss']:.4f} "
                       f"{m['images_per_s']:.0f} img/s data-wait {100 * m['data_wait_frac']:.0f}%", flush=True)
@@ -295,10 +285,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     # Written completely (model.pt, then meta.json) before Ray sees the directory.
                     # The planner's state as of this step: where every rank's stream goes on.
                     save_checkpoint(tmp, _unwrap(model), optimizer, step, loop_config["run_id"],
-                                    planner_state=_planner_state(planner, step), world_size=world)
+                                    planner_state=_planner_state(planner, step), world_size=world,
+                                    scheduler=scheduler)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report(m, checkpoint=ckpt)
-            t_last, t_wait, losses = time.perf_counter(), 0.0, []
+            t_last, t_wait, n_steps = time.perf_counter(), 0.0, 0
         if last:
             break
         t_fetch = time.perf_counter()

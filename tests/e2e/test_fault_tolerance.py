@@ -238,4 +238,5 @@ def test_one_mlflow_run_resumed_and_finished(scenario):
     resumed = sorted(int(m.value) for m in client.get_metric_history(run_id, "train/resumed_from_step"))
     assert len(resumed) == 2 and resumed[-1] == int(run.data.tags["resumed_from_step"])
     steps = {m.step for m in client.get_metric_history(run_id, "train/loss")}
-    assert steps == set(range(1, STEPS + 1))
+    # One value per log interval (the mean) and at each checkpoint: none lost to the kill.
+    assert steps == {s for s in range(1, STEPS + 1) if s % 50 == 0 or s % EVERY == 0 or s == STEPS}

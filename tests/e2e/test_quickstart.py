@@ -54,8 +54,10 @@ def test_train_reports_metrics_and_tracks_the_run(trained):
     assert run.data.params["train.steps"] == str(STEPS) and run.data.params["loss.name"] == "npair_mc"
     assert run.data.tags["loss"] == "npair_mc" and run.data.tags["world_size"] == "2"
     history = client.get_metric_history(out["run_id"], "train/loss")
-    assert sorted(h.step for h in history) == list(range(1, STEPS + 1))
+    assert sorted(h.step for h in history) == [2, 4, 6]  # the mean of each log interval (log_every=2)
     assert all(h.value > 0 for h in history)
+    lr = client.get_metric_history(out["run_id"], "train/lr")
+    assert sorted(h.step for h in lr) == [2, 4, 6] and all(h.value == pytest.approx(1e-3) for h in lr)
     assert run.data.metrics["recall_at_1"] == pytest.approx(m["recall@1"])
 
     arts = {a.path for a in client.list_artifacts(out["run_id"])}

@@ -19,6 +19,8 @@ FIXED_KEYS = {
     "train.optimizer": ("adamw", "adam"),
     "miner.index": ("hnsww", "hnsw"),
     "data.class_sampling": ("proportionel", "proportional"),
+    "train.precision": ("bf61", "bf16"),
+    "train.lr_schedule": ("cosin", "cosine"),
 }
 
 
