@@ -363,3 +363,61 @@ def get_run(uri: str, run_id: str):
         return _client(uri).get_run(run_id)
     except MlflowException as e:
         raise LookupError(f"MLflow run '{run_id}' not found in '{uri}': {e.message}") from None
+
+
+MODEL_ARTIFACT = "model"
+"""Name of the MLflow model a training run logs: ``runs:/<run id>/model``."""
+
+
+def log_inference_model(uri: str, run_id: str, model, example, name: str = MODEL_ARTIFACT,
+                        registered_name: str = "", step: int = 0, retry_s: float = 0.0) -> dict:
+    """Log ``model`` (a torch module: uint8 images -> embeddings) as MLflow model ``name`` of run ``run_id``.
+
+    The pytorch flavour (``mlflow.pytorch.load_model("runs:/<id>/model")``) and pyfunc
+    (``mlflow.pyfunc.load_model(...).predict(uint8 array)``), with a signature (uint8
+    (-1, -1, -1, 3) -> float32 (-1, d), d from the model's output on ``example``) and
+    ``example`` (a small uint8 numpy batch) as the input example. Serialised with pickle
+    (MLflow's ``pt2`` export fixes the batch and image shapes of the example): loading runs
+    this model's code, so load models only from stores you trust, as for any pickled model. The ``pipeline`` package travels inside the model (``code/``), so loading
+    needs torch and torchvision but not this project; requirements are pinned to the torch,
+    torchvision and numpy versions at hand (inferring them would re-import the model in a
+    subprocess, tens of seconds). ``registered_name`` also registers it in the model
+    registry (version 1, 2, ...). Returns ``{"model_uri", "model_id", "registered_version"}``.
+    Retried for up to ``retry_s`` seconds; raises the MLflow error after that.
+    """
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    import torchvision
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    example = np.ascontiguousarray(example)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    # Any batch size and any image side (the model resizes); 3 channels, uint8 in, float32 out.
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, output.shape[1]))]))
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"numpy=={np.__version__}"]
+    client = _client(uri)
+    # Made here, in the run's experiment: mlflow.pytorch.log_model would otherwise put it in
+    # the fluent API's active experiment (the default one) with artifacts under ./mlruns.
+    logged = call_with_retries(
+        lambda: client.create_logged_model(client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id),
+        f"creating model '{name}' of run {run_id}", retry_s)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        info = call_with_retries(
+            lambda: mlflow.pytorch.log_model(
+                model, name=name, model_id=logged.model_id, run_id=run_id, signature=signature, input_example=example, step=step,
+                serialization_format="pickle", pip_requirements=reqs, code_paths=[str(Path(__file__).resolve().parent)],
+                registered_model_name=registered_name or None),
+            f"logging model '{name}' to run {run_id}", retry_s)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    version = getattr(info, "registered_model_version", None)
+    return {"model_uri": f"runs:/{run_id}/{name}", "model_id": info.model_id,
+            "registered_version": int(version) if version is not None else None}

@@ -2,7 +2,7 @@
 
 Check the data -> start or join Ray -> check storage -> open (or reopen) the MLflow run ->
 start the run's actors (miner, batch planner) -> one stream per rank -> ``TorchTrainer.fit`` ->
-log the checkpoint -> evaluate -> end the run. Each step's details live with the module
+log the checkpoint -> log the MLflow model (``log_model``) -> evaluate -> end the run. Each step's details live with the module
 that owns them (``pipeline.runtime``, ``pipeline.data.manifest``, ``pipeline.train.
 checkpoint``, ``pipeline.tracking``, ``pipeline.mining.refresh``, ``pipeline.data.report``).
 
@@ -34,6 +34,7 @@ from pipeline.data.stream import build_train_datasets, data_config, stream_shape
 from pipeline.eval.evaluate import evaluate_state
 from pipeline.mining.refresh import start_miner
 from pipeline.models import initial_state
+from pipeline.models.inference import example_images, inference_model
 from pipeline.train.checkpoint import CKPT_FILE, load_checkpoint, resume_point
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.process_group import LoopbackTorchConfig
@@ -42,7 +43,7 @@ from pipeline.train.process_group import LoopbackTorchConfig
 def run_training(cfg: Config) -> dict:
     """Train per ``cfg``, evaluate on ``data.eval`` when set, and track it all in MLflow.
 
-    Returns ``{"run_id": ..., "metrics": {...}, "checkpoint": path}``. The MLflow run ends
+    Returns ``{"run_id": ..., "metrics": {...}, "checkpoint": path, "model": {"model_uri", ...}}``. The MLflow run ends
     FINISHED, or FAILED (then the exception propagates), or KILLED on KeyboardInterrupt.
     A job whose ``train.run_name`` has checkpoints in ``train.storage_path`` resumes that
     run (see the module docstring). Raises, before Ray or any MLflow run starts, ShardError
@@ -111,6 +112,7 @@ def run_training(cfg: Config) -> dict:
         with result.checkpoint.as_directory() as d:
             tracking.log_artifacts(uri, run_id, d, "checkpoint", retry_s=retry_s)
             state = load_checkpoint(os.path.join(d, CKPT_FILE))["model"]
+        logged = log_model(cfg, uri, run_id, state)
         tracking.log_metrics(uri, run_id, {"train_time_s": train_s}, step=cfg.train.steps, retry_s=retry_s)
         if cfg.data.eval:
             ev = evaluate_state(cfg, state, cfg.data.eval)
@@ -119,7 +121,7 @@ def run_training(cfg: Config) -> dict:
             tracking.log_metrics(uri, run_id, ev, step=cfg.train.steps, retry_s=retry_s)
             metrics.update(ev)
         status = "FINISHED"
-        return {"run_id": run_id, "metrics": metrics, "checkpoint": result.checkpoint.path}
+        return {"run_id": run_id, "metrics": metrics, "checkpoint": result.checkpoint.path, "model": logged}
     except (KeyboardInterrupt, SystemExit):  # Ray's driver turns SIGTERM into SystemExit
         status = "KILLED"
         raise
@@ -130,3 +132,15 @@ def run_training(cfg: Config) -> dict:
         tracking.end_run(uri, run_id, status, retry_s=cfg.tracking.retry_s)
         if status != "FINISHED":
             print(f"[train] run {run_id} ended {status}", file=sys.stderr, flush=True)
+
+
+def log_model(cfg: Config, uri: str, run_id: str, state: dict) -> dict:
+    """Log the trained weights as the run's MLflow model (uint8 images -> unit-norm embeddings).
+
+    Registered as ``tracking.register_model`` when set. Returns what
+    ``tracking.log_inference_model`` returns.
+    """
+    model = inference_model(cfg.model, state, cfg.data.image_size)
+    return tracking.log_inference_model(uri, run_id, model, example_images(cfg.data.image_size),
+                                        registered_name=cfg.tracking.register_model, step=cfg.train.steps,
+                                        retry_s=cfg.tracking.retry_s)
