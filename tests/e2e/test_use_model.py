@@ -8,15 +8,12 @@ images; what the finished run shows in the MLflow store.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.e2e.jobs import run_job
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,18 +21,11 @@ STEPS = 6
 REGISTERED = "e2e-faces"
 
 
-def _run(args: list[str], cwd: Path, timeout: int = 600) -> dict:
-    env = dict(os.environ, RAY_DEDUP_LOGS="0")
-    env.pop("RAY_ADDRESS", None)
-    p = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert p.returncode == 0, f"{args[0]} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
 
 @pytest.fixture(scope="module")
 def trained(tiny_shards, tmp_path_factory):
     work = tmp_path_factory.mktemp("use")
-    out = _run(["jobs.train", "--config", str(ROOT / "configs/quickstart.yaml"),
+    out = run_job(["jobs.train", "--config", str(ROOT / "configs/quickstart.yaml"),
                 f"data.train={tiny_shards}/train", f"data.eval={tiny_shards}/holdout", "data.image_size=32",
                 f"train.steps={STEPS}", "train.log_every=2", "batch.classes_per_batch=4",
                 f"tracking.register_model={REGISTERED}", "train.run_name=use"], cwd=work)
