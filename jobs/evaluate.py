@@ -28,6 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-list", default="", help="vehicleid: test_list_{800,1600,2400}.txt")
     p.add_argument("--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     args = p.parse_args(argv)
+    from pipeline.deps import MissingDependencyError, require_faiss
+
+    try:
+        require_faiss()
+    except MissingDependencyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from pipeline.data.manifest import ShardError
     from pipeline.eval.evaluate import evaluate_run
     from pipeline.runtime import shutdown_ray

@@ -33,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    from pipeline.deps import MissingDependencyError, require_faiss
+
+    try:
+        require_faiss()
+    except MissingDependencyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from pipeline.data.manifest import ShardError
     from pipeline.data.report import DataQualityError
     from pipeline.runtime import StorageError, configure_logging, shutdown_ray

@@ -18,10 +18,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 
-import faiss
 import numpy as np
 
+from pipeline.deps import import_faiss
 from pipeline.eval.clustering import kmeans_assign, nmi, pairwise_f1
+
+faiss = import_faiss()  # one clear message naming the extra when FAISS is missing
 
 DEFAULT_CHUNK_SIZE = 8192
 """Queries per FAISS search call. FAISS blocks the BLAS work itself; the chunk
