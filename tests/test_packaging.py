@@ -67,7 +67,7 @@ def test_console_scripts_point_at_job_mains():
     import importlib
 
     scripts = PYPROJECT["project"]["scripts"]
-    assert {"dml-train", "dml-shards", "dml-evaluate", "dml-compare"} <= set(scripts)
+    assert {"dml-train", "dml-shards", "dml-evaluate", "dml-compare", "dml-embed", "dml-search"} <= set(scripts)
     for name, target in scripts.items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), name

@@ -98,11 +98,11 @@ def iter_knn(
         q = queries[start : start + rows]
         scores, ids = index.search(q, k_search)
         if exclude_self:
-            scores, ids = _drop_self(scores, ids, np.arange(start, start + len(q)))
+            scores, ids = drop_self(scores, ids, np.arange(start, start + len(q)))
         yield start, scores, ids
 
 
-def _drop_self(scores: np.ndarray, ids: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def drop_self(scores: np.ndarray, ids: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Drop one column per row: the query's own id, or the last column if it is absent."""
     drop = ids == self_ids[:, None]
     drop[:, -1] |= ~drop.any(axis=1)

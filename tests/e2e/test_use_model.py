@@ -8,18 +8,19 @@ images; what the finished run shows in the MLflow store.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tests.e2e.jobs import run_job
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
 REGISTERED = "e2e-faces"
-
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +85,76 @@ def test_logged_model_embeds_like_the_evaluation(trained, tiny_shards, ray_local
     np.testing.assert_allclose(registered, ref[:8], atol=1e-5)
     assert out["model"] == {"model_uri": f"runs:/{run_id}/model", "registered_version": 1,
                             "model_id": out["model"]["model_id"]}
+
+
+def _export_folder(jpgs: dict[str, bytes], root: Path, keys) -> list[str]:
+    """Write images as ROOT/<class name>/<key>.jpg (shard keys are <class id>_<class name>_<nnnn>)."""
+    out = []
+    for key in keys:
+        path = root / key.split("_")[1] / f"{key}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpgs[key])
+        out.append(path.relative_to(root).as_posix())
+    return out
+
+
+def test_embed_then_search_the_held_out_images(trained, tiny_shards):
+    """jobs.embed on the held-out images, jobs.search with 20 of them: Recall@1 = recall_at_k, and matches.png."""
+    from PIL import Image
+
+    from pipeline.eval.gallery import read_gallery
+    from pipeline.eval.retrieval import recall_at_k
+
+    work, out = trained
+    jpgs = _holdout_images(tiny_shards)
+    keys = sorted(jpgs)
+    _export_folder(jpgs, work / "holdout_images", keys)
+    queries = _export_folder(jpgs, work / "queries", keys[::8][:20])  # 20 held-out images, their own files
+    model = out["model"]["model_uri"]
+    emb = run_job(["jobs.embed", "--model", model, "--images", str(work / "holdout_images"),
+                   "--out", str(work / "gallery.parquet")], cwd=work)
+    assert emb == {"out": str(work / "gallery.parquet"), "images": 160, "dim": 64, "skipped": 0, "model": model}
+    gallery = read_gallery(work / "gallery.parquet")
+    assert sorted(gallery["key"]) == sorted(f"{k.split('_')[1]}/{k}.jpg" for k in keys)
+    assert all(lab == k.split("/")[0] for k, lab in zip(gallery["key"], gallery["label"]))
+    np.testing.assert_allclose(np.linalg.norm(gallery["embedding"], axis=1), 1.0, atol=1e-5)
+
+    # Every gallery image as a query (itself excluded): the search's Recall@1 is recall_at_k's.
+    labels = np.asarray(gallery["label"]).astype(str)
+    want = recall_at_k(gallery["embedding"], labels, ks=(1, 5))
+    whole = run_job(["jobs.search", "--gallery", str(work / "gallery.parquet"), "--query", str(work / "gallery.parquet"),
+                     "--exclude-self", "--k", "5", "--out", str(work / "search_all"),
+                     "--index", str(work / "gallery.faiss")], cwd=work)
+    assert whole["queries"] == 160 and whole["recall_at_1"] == pytest.approx(want[1], abs=1e-12)
+    assert whole["recall_at_5"] == pytest.approx(want[5], abs=1e-12)
+    assert (work / "gallery.faiss").stat().st_size > 160 * 64 * 4
+
+    # 20 query images (embedded by jobs.search with the gallery's model), the saved index reloaded.
+    res = run_job(["jobs.search", "--gallery", str(work / "gallery.parquet"), "--query-images", str(work / "queries"),
+                   "--exclude-self", "--k", "5", "--out", str(work / "search"),
+                   "--index", str(work / "gallery.faiss")], cwd=work)
+    lines = [json.loads(x) for x in (work / "search/results.jsonl").read_text().splitlines()]
+    assert res["queries"] == len(lines) == 20 and sorted(x["query"] for x in lines) == sorted(queries)
+    row = {k: i for i, k in enumerate(gallery["key"])}
+    sims = gallery["embedding"] @ gallery["embedding"].T
+    np.fill_diagonal(sims, -np.inf)  # the query's own gallery row is excluded
+    hits = []
+    for x in lines:
+        assert len(x["matches"]) == 5 and x["label"] == x["query"].split("/")[0]
+        assert all(a["score"] >= b["score"] for a, b in zip(x["matches"], x["matches"][1:]))
+        best = int(np.argmax(sims[row[x["query"]]]))
+        assert x["matches"][0]["score"] == pytest.approx(float(sims[row[x["query"]], best]), abs=1e-5)
+        hits.append(x["matches"][0]["label"] == x["label"])
+    assert res["recall_at_1"] == pytest.approx(float(np.mean(hits)), abs=1e-12)
+
+    with Image.open(work / "search/matches.png") as im:
+        rgb = np.asarray(im.convert("RGB"))
+    assert rgb.shape[0] > 20 * 96 and rgb.shape[1] > 6 * 96  # 20 rows, query + 5 matches each
+    assert rgb.std() > 20  # not blank
+    green = ((rgb == (0, 170, 0)).all(axis=2)).sum()
+    red = ((rgb == (220, 0, 0)).all(axis=2)).sum()
+    n_right = sum(m["label"] == x["label"] for x in lines for m in x["matches"])
+    frame_px = (96 + 12) ** 2 - 96 ** 2  # one 6-pixel frame around a 96-pixel image
+    # Frames of exactly these colours, one per match (a stray image pixel of the same colour is allowed).
+    assert abs(green - n_right * frame_px) < frame_px // 2 and abs(red - (100 - n_right) * frame_px) < frame_px // 2
+
