@@ -28,10 +28,10 @@ from ray.train.torch import TorchTrainer
 from pipeline import runtime, tracking
 from pipeline.config import Config, dump_yaml, to_dict
 from pipeline.data import report
-from pipeline.data.manifest import class_models, manifest_dir, prepare_data
+from pipeline.data.manifest import class_models, find_manifest, manifest_dir, prepare_data
 from pipeline.data.planner_actor import create_planner, planner_name
 from pipeline.data.stream import build_train_datasets, data_config, stream_shape
-from pipeline.eval.evaluate import evaluate_state
+from pipeline.eval.evaluate import evaluate_state, log_plots
 from pipeline.mining.refresh import start_miner
 from pipeline.models import initial_state
 from pipeline.models.inference import example_images, inference_model
@@ -55,7 +55,8 @@ def run_training(cfg: Config) -> dict:
     storage = runtime.storage_path(cfg.train.storage_path)
     runtime.check_storage(cfg.train.storage_path or storage)
     latest = resume_point(storage, cfg.train.run_name, cfg.train.steps)
-    uri, run_id = tracking.open_run(cfg, dump_yaml(cfg), cfg.train.run_name, latest)
+    uri, run_id = tracking.open_run(cfg, dump_yaml(cfg), cfg.train.run_name, latest, inputs=shard_inputs(cfg))
+    system = tracking.SystemMetrics(uri, run_id).start()
     # A checkpoint Ray Train does not know of (its snapshot was lost): the loop loads it itself.
     resume_from = latest["path"] if latest is not None and not latest["registered"] else None
     name = cfg.train.run_name or f"dml-{run_id[:8]}"
@@ -113,9 +114,9 @@ def run_training(cfg: Config) -> dict:
             tracking.log_artifacts(uri, run_id, d, "checkpoint", retry_s=retry_s)
             state = load_checkpoint(os.path.join(d, CKPT_FILE))["model"]
         logged = log_model(cfg, uri, run_id, state)
-        tracking.log_metrics(uri, run_id, {"train_time_s": train_s}, step=cfg.train.steps, retry_s=retry_s)
+        tracking.log_metrics(uri, run_id, metrics, step=cfg.train.steps, retry_s=retry_s)
         if cfg.data.eval:
-            ev = evaluate_state(cfg, state, cfg.data.eval)
+            ev = evaluate_and_plot(cfg, uri, run_id, state)
             untrained = evaluate_state(cfg, initial_state(cfg), cfg.data.eval)
             ev.update({f"untrained_{k}": v for k, v in untrained.items()})
             tracking.log_metrics(uri, run_id, ev, step=cfg.train.steps, retry_s=retry_s)
@@ -126,6 +127,7 @@ def run_training(cfg: Config) -> dict:
         status = "KILLED"
         raise
     finally:
+        system.stop()
         if planner is not None:
             report.log_report(uri, run_id, report_name, cfg.train.steps, cfg.tracking.retry_s)
             ray.kill(planner)
@@ -144,3 +146,15 @@ def log_model(cfg: Config, uri: str, run_id: str, state: dict) -> dict:
     return tracking.log_inference_model(uri, run_id, model, example_images(cfg.data.image_size),
                                         registered_name=cfg.tracking.register_model, step=cfg.train.steps,
                                         retry_s=cfg.tracking.retry_s)
+
+
+def shard_inputs(cfg: Config) -> list:
+    """The run's MLflow dataset inputs: ``data.train`` (context train) and ``data.eval`` (eval), digests from the manifest."""
+    sets = [("train", cfg.data.train, "train")] + ([("eval", cfg.data.eval, "holdout")] if cfg.data.eval else [])
+    return [tracking.shard_dataset(context, spec, find_manifest(spec), split) for context, spec, split in sets]
+
+
+def evaluate_and_plot(cfg: Config, uri: str, run_id: str, state: dict) -> dict:
+    """Retrieval evaluation of ``state`` on ``data.eval``; its plots (Recall@K, matches) go to the run's ``eval/retrieval/``."""
+    return log_plots(uri, run_id, "retrieval", lambda d: evaluate_state(cfg, state, cfg.data.eval, plot_dir=d),
+                     retry_s=cfg.tracking.retry_s)

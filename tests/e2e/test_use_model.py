@@ -158,3 +158,54 @@ def test_embed_then_search_the_held_out_images(trained, tiny_shards):
     # Frames of exactly these colours, one per match (a stray image pixel of the same colour is allowed).
     assert abs(green - n_right * frame_px) < frame_px // 2 and abs(red - (100 - n_right) * frame_px) < frame_px // 2
 
+
+def test_the_finished_run_shows_what_mlflow_users_look_for(trained):
+    """Logged model, dataset inputs, mlflow.source.* tags, a description, system metrics, no mine/* (mining off), plots."""
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    work, out = trained
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    run = client.get_run(out["run_id"])
+    tags, metrics = run.data.tags, run.data.metrics
+
+    models = client.search_logged_models([run.info.experiment_id])
+    assert [(m.name, m.source_run_id) for m in models] == [("model", out["run_id"])]
+    assert [o.model_id for o in run.outputs.model_outputs] == [models[0].model_id]
+    assert client.get_model_version(REGISTERED, "1").run_id == out["run_id"]
+
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["eval", "train"]
+    assert inputs["train"].name.endswith("/train") and inputs["eval"].name.endswith("/holdout")
+    for context, split in (("train", "train"), ("eval", "holdout")):
+        ds = inputs[context]
+        src = Path(json.loads(ds.source)["uri"])
+        man = json.loads((src.parent / "manifest.json").read_text())
+        shards = sorted((s["path"], s["sha256"]) for s in man["shards"] if s["split"] == split)
+        want = hashlib.sha256("\n".join(f"{p} {h}" for p, h in shards).encode()).hexdigest()[:16]
+        assert ds.digest == want and json.loads(ds.profile)["images"] == 160
+
+    commit = tags["mlflow.source.git.commit"]
+    assert len(commit) == 40 and int(commit, 16) >= 0 and commit.startswith(tags["git_commit"])
+    assert tags["mlflow.source.name"] and tags["mlflow.source.type"] == "LOCAL"
+    note = tags["mlflow.note.content"]
+    assert "tiny" in note and "npair_mc" in note and "N=4 classes x M=2" in note and "mining off" in note
+    assert "2 CPU workers" in note
+
+    system = [k for k in metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system and "system/system_memory_usage_megabytes" in system
+    assert 0 < metrics["system/cpu_utilization_percentage"] <= 100
+    assert not [k for k in metrics if k.startswith("mine/")]
+    zero_reasons = [k for k in metrics if k.startswith("data/bad_") and k not in ("data/bad_total", "data/bad_fraction")]
+    assert zero_reasons == [] and metrics["data/bad_total"] == 0  # clean data: totals only
+    assert metrics["train_loss"] == pytest.approx(out["metrics"]["train_loss"])
+    assert out["metrics"]["recall_at_1"] == out["metrics"]["recall@1"] == pytest.approx(metrics["recall_at_1"])
+
+    arts = {a.path for a in client.list_artifacts(out["run_id"], "eval/retrieval")}
+    assert arts == {"eval/retrieval/recall_at_k.png", "eval/retrieval/matches.png"}
+    with Image.open(client.download_artifacts(out["run_id"], "eval/retrieval/matches.png", str(work))) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    assert rgb.shape[0] > 16 * 96 and rgb.std() > 20
+    assert ((rgb == (0, 170, 0)).all(axis=2) | (rgb == (220, 0, 0)).all(axis=2)).sum() >= 16 * 5 * 2000
