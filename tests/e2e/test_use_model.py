@@ -201,6 +201,9 @@ def test_the_finished_run_shows_what_mlflow_users_look_for(trained):
     zero_reasons = [k for k in metrics if k.startswith("data/bad_") and k not in ("data/bad_total", "data/bad_fraction")]
     assert zero_reasons == [] and metrics["data/bad_total"] == 0  # clean data: totals only
     assert metrics["train_loss"] == pytest.approx(out["metrics"]["train_loss"])
+    from pipeline.eval.compare import SUMMARY_METRICS
+
+    assert set(SUMMARY_METRICS) <= set(metrics)  # every column of jobs.compare's table exists
     assert out["metrics"]["recall_at_1"] == out["metrics"]["recall@1"] == pytest.approx(metrics["recall_at_1"])
 
     arts = {a.path for a in client.list_artifacts(out["run_id"], "eval/retrieval")}
