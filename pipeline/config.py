@@ -30,6 +30,8 @@ class DataConfig:
     """Held-out shards evaluated at the end of training (``OUT/holdout``); empty = no evaluation."""
     exemplars: str = ""
     """Class-exemplar shards the miner embeds at each refresh (``OUT/exemplars``); empty = the ``exemplars/`` sibling of ``data.train``'s directory when it exists. Used only with ``miner.enabled``."""
+    cache_dir: str = ""
+    """Node-local directory for copies of shard sets given as URIs (``data.train=s3://bucket/OUT/train``): the manifest and index on first use, each shard on first read, checked against the manifest's sha256 (``pipeline.data.cache``); empty = ``~/.cache/dml-pipeline/shards``. Local shard sets are read in place."""
     image_size: int = 0
     """Side of the square images fed to the network; 0 = the size the training shards were written at (their manifest), or 64 when they keep source sizes. A size that differs from the shards' is allowed (images are resized at every read) and announced once."""
     decode_concurrency: int = 2

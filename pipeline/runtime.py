@@ -72,7 +72,22 @@ def init_ray(num_cpus: int = 0, dashboard: bool = False) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     cores = os.cpu_count() or 1
     ray.init(num_cpus=num_cpus or max(16, 8 * cores), include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", configure_logging=True, logging_level="WARNING")
+             _node_ip_address="127.0.0.1", configure_logging=True, logging_level="WARNING",
+             runtime_env=None if dashboard else {"worker_process_setup_hook": _quiet_state_api_users})
+
+
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def _quiet_state_api_users() -> None:
+    """Ray worker setup hook of a local instance started without the dashboard.
+
+    Ray Train's placement-group cleaner asks the State API (served by the dashboard) every
+    second whether the train controller lives, and without a dashboard it logs a warning at
+    each try: ~60 lines a minute. Its job (free the placement group of a controller that died
+    while the cluster lives on) does not arise here: a local instance ends with the driver.
+    """
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def shutdown_ray() -> None:

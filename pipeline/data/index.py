@@ -90,6 +90,8 @@ class SampleIndex:
     """Per extra field (``manifest["extra_fields"]``), each sample's value (-1 = absent)."""
     shard_rows: np.ndarray | None = None
     """First row of each shard, plus the row count at the end (``len(paths) + 1`` values)."""
+    cut: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Shards found shorter than indexed (opened with ``allow_cut``): path -> (bytes now, bytes indexed)."""
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -306,12 +308,17 @@ def _find_root(where: str | Path) -> Path:
     raise ShardError(f"no {MANIFEST} in {p} or its parent: give the directory `python -m jobs.make_shards` wrote")
 
 
-def load_index(where: str | Path, split: str = "train", verify: bool = False) -> SampleIndex:
+def load_index(where: str | Path, split: str = "train", verify: bool = False, missing_ok: bool = False,
+               allow_cut: bool = False) -> SampleIndex:
     """Open the ``split`` index of the shard set at ``where`` (OUT, ``OUT/<split>`` or ``OUT/manifest.json``).
 
     Checks that the index describes the shards the manifest lists now (same paths, in the
     same order, same sha256) and that each shard file has the size the index recorded;
-    ``verify`` also re-hashes every shard (reads them all). Returns a :class:`SampleIndex`
+    ``verify`` also re-hashes every shard (reads them all); ``missing_ok`` lets shards be absent
+    (a node's cache of a remote set, ``pipeline.data.cache``, fetches them before reading);
+    ``allow_cut`` opens an index whose shards were cut short since (a copy that stopped
+    early): they are listed in ``cut`` and the samples past the cut fail at read time (the
+    training stream counts them as ``truncated_tar`` and replaces them). Returns a :class:`SampleIndex`
     whose columns are memory-mapped. Raises :class:`ShardError` when there is no manifest
     or no index, or the index is stale (shards rewritten since), each saying to run
     ``python -m jobs.make_shards --reindex OUT``; ValueError for an unknown split.
@@ -333,13 +340,21 @@ def load_index(where: str | Path, split: str = "train", verify: bool = False) ->
         changed = next((a, b) for a, b in zip(now + [("-", "")] * len(then), then + [("-", "")] * len(now)) if a != b)
         raise ShardError(f"{header_path} is stale: the manifest's {split} shards were rewritten since it was "
                          f"written (first difference: manifest {changed[0][0]} vs index {changed[1][0]}); {fix}")
+    cut: dict[str, tuple[int, int]] = {}
     for s in header["shards"]:
         p = root / s["path"]
         try:
             got = p.stat().st_size
+        except FileNotFoundError:
+            if missing_ok:
+                continue
+            raise ShardError(f"{p}: listed in the {split} index but missing; {fix} after restoring the shard set") from None
         except OSError as e:
             raise ShardError(f"{p}: listed in the {split} index but cannot be read ({e}); {fix} after "
                              "restoring the shard set") from e
+        if got < s["bytes"] and allow_cut:
+            cut[str(p)] = (got, int(s["bytes"]))
+            continue
         if got != s["bytes"]:
             why = f"{got} bytes, {s['bytes']} indexed"
         elif verify and scan_shard(p).sha256 != s["sha256"]:
@@ -368,6 +383,7 @@ def load_index(where: str | Path, split: str = "train", verify: bool = False) ->
         label=cols["label"],
         extras={f: cols[f] for f in header.get("extra_fields", [])},
         shard_rows=np.asarray([s["first_row"] for s in header["shards"]] + [rows], dtype=np.int64),
+        cut=cut,
     )
 
 

@@ -61,9 +61,29 @@ def list_shards(spec: str) -> tuple[list[str], object | None]:
 
 
 def find_manifest(spec: str) -> dict | None:
-    """Return the manifest of the shard set that ``spec`` points into (its dir or a parent), or None."""
-    root = manifest_dir(spec)
+    """Return the manifest of the shard set that ``spec`` points into (its dir or a parent, local or a URI), or None."""
+    if "://" in spec and not spec.startswith("file://"):
+        found = find_remote_manifest(spec)
+        return json.loads(found[0]) if found is not None else None
+    root = manifest_dir(spec.removeprefix("file://"))
     return json.loads((root / MANIFEST).read_text()) if root is not None else None
+
+
+def find_remote_manifest(spec: str) -> tuple[bytes, str, str] | None:
+    """For a URI ``spec`` (``s3://bucket/OUT/train``): ``(manifest bytes, OUT's path on its filesystem,
+    spec's path relative to OUT)`` when ``spec`` or its parent holds a ``manifest.json``; else None."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(spec)
+    path = path.rstrip("/")
+    for root in (path, posixpath.dirname(path)):
+        where = posixpath.join(root, MANIFEST)
+        if fs.get_file_info(where).type == pafs.FileType.File:
+            with fs.open_input_stream(where) as f:
+                return f.read(), root, posixpath.relpath(path, root)
+    return None
 
 
 FALLBACK_IMAGE_SIZE = 64

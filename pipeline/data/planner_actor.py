@@ -51,10 +51,13 @@ class PlannerActor:
 
     def __init__(self, index_root: str, classes_per_batch: int, images_per_class: int, world_size: int, seed: int,
                  sampling: str = "uniform", max_lead: int = 64, max_bad_fraction: float = 1.0,
-                 selector=None, random_every: int = 0, max_passes: int = 0) -> None:
+                 selector=None, random_every: int = 0, max_passes: int = 0, cache_dir: str = "") -> None:
+        from pipeline.data.cache import is_remote, local_root
         from pipeline.data.index import class_ranges, load_index
 
-        index = load_index(index_root, "train")
+        # A URI: the index from this node's cache (pipeline.data.cache); the planner reads no shard.
+        index = load_index(local_root(index_root, cache_dir), "train", missing_ok=is_remote(index_root),
+                           allow_cut=True)
         self.paths = list(index.paths)
         class_ids, starts, counts = class_ranges(index)
         self.report = DataReport()

@@ -34,6 +34,7 @@ class; the slice stays whole.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -59,15 +60,22 @@ class FetchDecode:
     """Ray Data UDF (an actor pool per rank): steps -> that rank's decoded slice of each step's plan."""
 
     def __init__(self, planner: str, rank: int, start_step: int, index_root: str, size: int, augment: bool,
-                 seed: int, slice_images: int, mining: bool = False, timeout_s: float = 300.0) -> None:
+                 seed: int, slice_images: int, mining: bool = False, timeout_s: float = 300.0,
+                 cache_dir: str = "") -> None:
         import ray
 
+        from pipeline.data.cache import RemoteSet, is_remote
         from pipeline.data.index import load_index
 
         self.planner = ray.get_actor(planner)
         self.rank, self.start, self.size, self.augment = rank, start_step, size, augment
         self.seed = np.uint64(_mix64(np.uint64(seed)))
-        self.index = load_index(index_root, "train")
+        # A shard set on an object store is read from this node's cache (pipeline.data.cache):
+        # the index now, each shard before the first read that touches it.
+        self.remote = RemoteSet(index_root, cache_dir) if is_remote(index_root) else None
+        root = str(self.remote.localize()) if self.remote else index_root
+        self.index = load_index(root, "train", missing_ok=self.remote is not None, allow_cut=True)
+        self.cached = np.zeros(len(self.index.paths), dtype=bool)
         self.timeout_s, self.mining, self.slice_images = timeout_s, mining, slice_images
 
     def _slice(self, step: int) -> dict:
@@ -86,6 +94,10 @@ class FetchDecode:
         from pipeline.data.index import read_samples
         from pipeline.data.manifest import ShardError
 
+        if self.remote is not None:
+            need = [int(s) for s in np.unique(np.asarray(self.index.shard[ids])) if not self.cached[s]]
+            self.remote.fetch([os.path.relpath(self.index.paths[s], self.index.root) for s in need])
+            self.cached[need] = True
         try:
             return read_samples(self.index, ids)
         except ShardError:  # a cut shard: read one by one, the unreadable ones become None
@@ -208,12 +220,17 @@ def build_train_datasets(cfg, planner: str, start_step: int, miner_lead: int = 0
     """
     import ray.data
 
+    from pipeline.data.cache import index_spec, is_remote, local_root
     from pipeline.data.index import load_index
-    from pipeline.data.manifest import manifest_dir
 
-    root = str(manifest_dir(cfg.data.train) or cfg.data.train)
+    root = index_spec(cfg.data.train)
     per_block, _ = stream_shape(cfg, miner_lead)
-    load_index(root, "train")  # fail here, naming the fix, not in a Ray Data actor
+    # Fail here, naming the fix, not in a Ray Data actor.
+    index = load_index(local_root(root, cfg.data.cache_dir), "train", missing_ok=is_remote(root), allow_cut=True)
+    for path, (now, then) in index.cut.items():
+        print(f"[data] warning: shard {path} is cut short ({now} of {then} indexed bytes): its samples past the cut "
+              "are counted as truncated_tar and replaced by classmates; rewrite it with `python -m jobs.make_shards`",
+              flush=True)
     out = {}
     for rank in range(cfg.scaling.num_workers):
         n = max(0, cfg.train.steps - start_step)
@@ -223,6 +240,7 @@ def build_train_datasets(cfg, planner: str, start_step: int, miner_lead: int = 0
             fn_constructor_kwargs={"planner": planner, "rank": rank, "start_step": start_step, "index_root": root,
                                    "size": cfg.data.image_size, "augment": cfg.data.augment,
                                    "seed": cfg.train.seed, "mining": cfg.miner.enabled,
+                                   "cache_dir": cfg.data.cache_dir,
                                    "slice_images": cfg.batch.classes_per_batch // cfg.scaling.num_workers
                                    * cfg.batch.images_per_class},
         )

@@ -28,7 +28,8 @@ from ray.train.torch import TorchTrainer
 from pipeline import runtime, tracking
 from pipeline.config import Config, dump_yaml, to_dict
 from pipeline.data import report
-from pipeline.data.manifest import class_models, find_manifest, manifest_dir, prepare_data
+from pipeline.data.cache import index_spec
+from pipeline.data.manifest import class_models, find_manifest, prepare_data
 from pipeline.data.planner_actor import create_planner, planner_name
 from pipeline.data.stream import build_train_datasets, data_config, stream_shape
 from pipeline.eval.evaluate import evaluate_state, log_plots
@@ -69,11 +70,11 @@ def run_training(cfg: Config) -> dict:
         miner = start_miner(cfg, uri, run_id) if cfg.miner.enabled else None
         _, lead = stream_shape(cfg, miner.max_lead if miner else 0)
         planner = create_planner(
-            report_name, str(manifest_dir(cfg.data.train) or cfg.data.train), cfg.batch.classes_per_batch,
+            report_name, index_spec(cfg.data.train), cfg.batch.classes_per_batch,
             cfg.batch.images_per_class, cfg.scaling.num_workers, cfg.train.seed, sampling=cfg.data.class_sampling,
             max_lead=lead, max_bad_fraction=cfg.data.max_bad_fraction,
             selector=miner.selector(cfg.miner.pool_classes) if miner else None,
-            random_every=10 if miner else 0, max_passes=cfg.data.epochs)
+            random_every=10 if miner else 0, max_passes=cfg.data.epochs, cache_dir=cfg.data.cache_dir)
         actors = miner.actors if miner else []
         datasets = build_train_datasets(cfg, report_name, int(latest["step"]) if latest else 0,
                                         miner.max_lead if miner else 0)

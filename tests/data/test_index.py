@@ -139,10 +139,14 @@ def test_shard_changed_behind_the_manifest_is_refused_and_short_read_named(tmp_p
     index = load_index(out)
     last = len(index) - 1
     path = Path(index.paths[int(index.shard[last])])
+    size0 = path.stat().st_size
     with open(path, "r+b") as f:  # cut the last sample's JPEG short
         f.truncate(int(index.offset[last]) + 10)
     with pytest.raises(ShardError, match=rf"{path.name} changed since it was indexed.*rerun `python -m jobs"):
         load_index(out)
+    cut = load_index(out, allow_cut=True)  # what the training stream opens: the cut is listed, the rest reads
+    assert cut.cut == {str(path): (int(index.offset[last]) + 10, size0)}
+    assert read_samples(cut, [0]) == read_samples(index, [0])
     with pytest.raises(ShardError, match=rf"{path}: short read at byte {int(index.offset[last])}: 10 of"):
         read_samples(index, [0, last])  # the index opened before the cut
     with pytest.raises(ShardError, match=rf"{path}: member at byte \d+ needs .*truncated.*make_shards"):

@@ -168,3 +168,30 @@ def test_too_many_bad_samples_stop_the_stream_naming_the_shard(ray_local, corrup
 def test_data_config_keeps_order_and_splits_nothing():
     dc = data_config()
     assert dc._datasets_to_split == [] and dc._resolve_execution_options("train_0").preserve_order
+
+
+def test_a_shard_cut_short_trains_what_it_still_holds_and_replaces_the_rest(ray_local, tiny_shards, tmp_path):
+    ray = ray_local
+    root = tmp_path / "set"
+    shutil.copytree(tiny_shards, root)
+    index = load_index(str(root), "train")
+    victim = int(index.shard[0])
+    rows_of = np.flatnonzero(index.shard == victim)
+    keep = rows_of[: len(rows_of) // 2]  # the first half of its samples survive the cut
+    path = Path(index.paths[victim])
+    with open(path, "r+b") as f:
+        f.truncate(int(index.offset[rows_of[len(keep)]]) + 5)
+    steps = len(index) // (N * M)  # one pass
+    cfg = _cfg(root / "train", steps, workers=1)
+    name, actor = _planner(root, cfg)
+    ray.get(actor.begin.remote(0, None))
+    rows = _consume(build_train_datasets(cfg, name, 0))[0]
+    trained = np.concatenate([r["sample_ids"] for r in rows])
+    lost = set(rows_of[len(keep):].tolist())
+    assert set(keep.tolist()) & set(trained.tolist()), "samples before the cut still train"
+    assert not lost & set(trained.tolist())
+    bad = np.sum([r["bad"] for r in rows], axis=0)
+    report = ray.get(actor.fetch.remote())
+    assert 0 < report["counts"]["truncated_tar"] == int(bad.sum()) <= len(lost)
+    assert {i["shard"] for i in report["items"]} == {str(path)}
+    ray.kill(actor)
