@@ -3,7 +3,8 @@
     python -m jobs.train --config configs/quickstart.yaml [key=value ...]
     python -m jobs.train --config configs/quickstart.yaml --print-config [key=value ...]
 
-Prints one final JSON line: {"run_id": ..., "metrics": {...}}. Rerun with the same
+Prints one final JSON line: {"run_id": ..., "metrics": {...}, "model": {"model_uri": "runs:/<id>/model", ...}};
+its metrics carry both names, the historical ``recall@1`` and MLflow's ``recall_at_1``. Rerun with the same
 ``train.run_name`` (and ``train.storage_path``) to resume a run that was killed.
 """
 
@@ -33,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    from pipeline.deps import MissingDependencyError, require_faiss
+
+    try:
+        require_faiss()
+    except MissingDependencyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from pipeline.data.manifest import ShardError
     from pipeline.data.report import DataQualityError
     from pipeline.runtime import StorageError, configure_logging, shutdown_ray
@@ -54,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: the MLflow run is marked KILLED", file=sys.stderr)
         return 143
     shutdown_ray()  # Ray's exit-time log lines must not follow the final JSON line
-    print(json.dumps({"run_id": out["run_id"], "metrics": out["metrics"]}))
+    from pipeline.tracking import with_mlflow_names
+
+    # "metrics": the historical names (recall@1) and, beside them, MLflow's (recall_at_1).
+    print(json.dumps({"run_id": out["run_id"], "metrics": with_mlflow_names(out["metrics"]), "model": out["model"]}))
     return 0
 
 

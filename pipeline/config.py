@@ -168,6 +168,8 @@ class TrackingConfig:
     """MLflow experiment name."""
     retry_s: float = 120.0
     """Seconds the driver keeps retrying MLflow at the end of a run (final metrics, artifacts, run status) when the server is unreachable; during training, metrics are buffered instead and never block a step."""
+    register_model: str = ""
+    """Register the run's logged model (``runs:/<run id>/model``) under this name in the MLflow model registry (a new version per run: ``models:/NAME/1``, ...); empty = log it without registering."""
 
 
 @dataclass
@@ -368,6 +370,29 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return cfg
 
 
+CONFIG_DIRS = (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parents[1] / "configs")
+"""Where ``--config NAME`` is looked up when NAME is not a file: the copy installed with the
+package (``pipeline/configs/``), then a checkout's ``configs/``."""
+
+
+def find_config(path: str | Path) -> Path:
+    """The config file ``path`` names: the file itself, else ``configs/<name>`` shipped with the package.
+
+    ``quickstart``, ``quickstart.yaml`` and ``configs/quickstart.yaml`` all name the shipped
+    ``quickstart.yaml`` when no such file exists where the job runs. Raises ConfigError
+    naming the path and the shipped configs when none matches.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name if p.suffix in (".yaml", ".yml") else p.name + ".yaml"
+    for d in CONFIG_DIRS:
+        if (d / name).is_file() and (len(p.parts) == 1 or p.parent.name == "configs"):
+            return d / name
+    shipped = sorted({f.stem for d in CONFIG_DIRS if d.is_dir() for f in d.glob("*.yaml")})
+    raise ConfigError(f"config file '{p}' does not exist (shipped configs, usable by name: {', '.join(shipped)})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build the config: defaults, then the YAML file at ``path``, then ``key=value`` overrides.
 
@@ -376,9 +401,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     cfg = _defaults()
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
+        p = find_config(path)
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -35,6 +35,15 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name).replace("__", "_")
 
 
+def with_mlflow_names(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """``metrics`` plus each one under the name MLflow shows it by (``prefix`` + :func:`metric_name`):
+    ``{"recall@1": x}`` -> ``{"recall@1": x, "recall_at_1": x}``. For the jobs' final JSON lines,
+    which keep their historical names beside MLflow's."""
+    out = dict(metrics)
+    out.update({prefix + metric_name(k): v for k, v in metrics.items()})
+    return out
+
+
 def resolve_uri(uri: str) -> str:
     """The tracking URI to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
     if uri:
@@ -96,15 +105,53 @@ def _short(err: BaseException) -> str:
     return (text[0] if text else type(err).__name__)[:300]
 
 
-def _git_commit() -> str:
+def _git_commit(short: bool = True) -> str:
     # A job submitted to Ray runs from an upload without .git; the submitter can pass it.
     if os.environ.get("DML_GIT_COMMIT"):
         return os.environ["DML_GIT_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], capture_output=True,
+                              text=True, timeout=5, check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def describe(cfg) -> str:
+    """The run's description (MLflow's ``mlflow.note.content``, shown atop the run page): data, model, loss, batch, mining, workers."""
+    m, b = cfg.model, cfg.batch
+    arch = "Mixed Difference Network, " if m.arch == "mixed_diff" else ""
+    return (f"{m.backbone} ({arch}{m.embedding_dim}-d embedding) trained with {cfg.loss.name} on "
+            f"`{cfg.data.train}`{f', evaluated on `{cfg.data.eval}`' if cfg.data.eval else ''}: "
+            f"{cfg.train.steps} steps of N={b.classes_per_batch} classes x M={b.images_per_class} images at "
+            f"{cfg.data.image_size or 'shard'} px, hard class mining {'on' if cfg.miner.enabled else 'off'}, "
+            f"{cfg.scaling.num_workers} {'GPU' if cfg.scaling.use_gpu else 'CPU'} workers.")
+
+
+def shard_dataset(context: str, spec: str, manifest: dict | None, split: str):
+    """The MLflow ``DatasetInput`` of shard set ``spec`` (``context`` train or eval; ``split`` of its manifest).
+
+    Name ``<shard set folder>/<split>``; digest: the first 16 hex digits of a SHA-256 over the
+    split's shard checksums in the manifest (so equal data gives an equal digest, whatever its
+    path), or over the path when there is no manifest; profile: images, classes, shards, side.
+    """
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    shards = sorted((s["path"], s["sha256"]) for s in (manifest or {}).get("shards", []) if s.get("split") == split)
+    text = "\n".join(f"{p} {h}" for p, h in shards) if shards else spec
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    root = Path(spec.rstrip("/"))
+    scheme = spec.split("://", 1)[0] if "://" in spec else "local"
+    source = spec if "://" in spec else str(root.resolve())
+    profile = dict((manifest or {}).get("splits", {}).get(split, {}))
+    if manifest:
+        profile["image_size"] = manifest.get("image_size", 0)
+    ds = Dataset(name=f"{root.parent.name or root.name}/{split}", digest=digest, source_type=scheme,
+                 source=json.dumps({"uri": source}), schema=json.dumps({"jpg": "JPEG bytes", "cls": "class id"}),
+                 profile=json.dumps(profile))
+    return DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -119,10 +166,12 @@ def experiment_id(uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def start_run(cfg, config_yaml: str, dataset: str = "") -> tuple[str, str]:
-    """Create the MLflow run for a training job: tags, flat params, ``config.yaml`` artifact.
+def start_run(cfg, config_yaml: str, dataset: str = "", inputs: list | None = None) -> tuple[str, str]:
+    """Create the MLflow run for a training job: tags, flat params, ``config.yaml`` artifact, dataset inputs.
 
-    Returns ``(tracking_uri, run_id)``.
+    Tags include MLflow's own: ``mlflow.source.git.commit`` (full), ``mlflow.source.name``
+    (the job), ``mlflow.note.content`` (:func:`describe`). ``inputs``: ``DatasetInput`` s
+    (:func:`shard_dataset`). Returns ``(tracking_uri, run_id)``.
     """
     from pipeline.config import to_flat_dict
 
@@ -135,6 +184,10 @@ def start_run(cfg, config_yaml: str, dataset: str = "") -> tuple[str, str]:
         "git_commit": _git_commit(),
         "world_size": str(cfg.scaling.num_workers),
         "backbone": cfg.model.backbone,
+        "mlflow.source.git.commit": _git_commit(short=False),
+        "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "jobs.train",
+        "mlflow.source.type": "LOCAL",
+        "mlflow.note.content": describe(cfg),
     }
     run = client.create_run(experiment_id(uri, cfg.tracking.experiment), run_name=cfg.train.run_name or None, tags=tags)
     run_id = run.info.run_id
@@ -144,6 +197,8 @@ def start_run(cfg, config_yaml: str, dataset: str = "") -> tuple[str, str]:
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i : i + 100])
     client.log_text(run_id, config_yaml, "config.yaml")
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
     return uri, run_id
 
 
@@ -318,13 +373,13 @@ def resume_run(uri: str, run_id: str, config_yaml: str, step: int) -> None:
     client.log_text(run_id, config_yaml, f"config_resumed_step{step}.yaml")
 
 
-def open_run(cfg, config_yaml: str, name: str, latest: dict | None) -> tuple[str, str]:
+def open_run(cfg, config_yaml: str, name: str, latest: dict | None, inputs: list | None = None) -> tuple[str, str]:
     """The MLflow run of a training job: the one a previous job of run ``name`` left, else a new one.
 
     ``latest`` is the checkpoint the job resumes from (``pipeline.train.checkpoint.
     resume_point``): its ``run_id`` is reopened. Without one, an unfinished MLflow run named
     ``train.run_name`` (killed before its first checkpoint) is reopened, else a new run is
-    started. Returns ``(tracking_uri, run_id)``.
+    started (with ``inputs``, see :func:`start_run`). Returns ``(tracking_uri, run_id)``.
     """
     uri = resolve_uri(cfg.tracking.uri)
     if latest is not None:
@@ -336,7 +391,7 @@ def open_run(cfg, config_yaml: str, name: str, latest: dict | None) -> tuple[str
         if run_id is not None:
             print(f"[train] resuming run {run_id} ({name}) from step 0: it has no checkpoint yet", flush=True)
     if run_id is None:
-        return start_run(cfg, config_yaml)
+        return start_run(cfg, config_yaml, inputs=inputs)
     resume_run(uri, run_id, config_yaml, step)
     return uri, run_id
 
@@ -363,3 +418,91 @@ def get_run(uri: str, run_id: str):
         return _client(uri).get_run(run_id)
     except MlflowException as e:
         raise LookupError(f"MLflow run '{run_id}' not found in '{uri}': {e.message}") from None
+
+
+MODEL_ARTIFACT = "model"
+"""Name of the MLflow model a training run logs: ``runs:/<run id>/model``."""
+
+
+def log_inference_model(uri: str, run_id: str, model, example, name: str = MODEL_ARTIFACT,
+                        registered_name: str = "", step: int = 0, retry_s: float = 0.0) -> dict:
+    """Log ``model`` (a torch module: uint8 images -> embeddings) as MLflow model ``name`` of run ``run_id``.
+
+    The pytorch flavour (``mlflow.pytorch.load_model("runs:/<id>/model")``) and pyfunc
+    (``mlflow.pyfunc.load_model(...).predict(uint8 array)``), with a signature (uint8
+    (-1, -1, -1, 3) -> float32 (-1, d), d from the model's output on ``example``) and
+    ``example`` (a small uint8 numpy batch) as the input example. Serialised with pickle
+    (MLflow's ``pt2`` export fixes the batch and image shapes of the example): loading runs
+    this model's code, so load models only from stores you trust, as for any pickled model. The ``pipeline`` package travels inside the model (``code/``), so loading
+    needs torch and torchvision but not this project; requirements are pinned to the torch,
+    torchvision and numpy versions at hand (inferring them would re-import the model in a
+    subprocess, tens of seconds). ``registered_name`` also registers it in the model
+    registry (version 1, 2, ...). Returns ``{"model_uri", "model_id", "registered_version"}``.
+    Retried for up to ``retry_s`` seconds; raises the MLflow error after that.
+    """
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    import torchvision
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    example = np.ascontiguousarray(example)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    # Any batch size and any image side (the model resizes); 3 channels, uint8 in, float32 out.
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, output.shape[1]))]))
+    reqs = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"numpy=={np.__version__}"]
+    client = _client(uri)
+    # Made here, in the run's experiment: mlflow.pytorch.log_model would otherwise put it in
+    # the fluent API's active experiment (the default one) with artifacts under ./mlruns.
+    logged = call_with_retries(
+        lambda: client.create_logged_model(client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id),
+        f"creating model '{name}' of run {run_id}", retry_s)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        info = call_with_retries(
+            lambda: mlflow.pytorch.log_model(
+                model, name=name, model_id=logged.model_id, run_id=run_id, signature=signature, input_example=example, step=step,
+                serialization_format="pickle", pip_requirements=reqs, code_paths=[str(Path(__file__).resolve().parent)],
+                registered_model_name=registered_name or None),
+            f"logging model '{name}' to run {run_id}", retry_s)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    version = getattr(info, "registered_model_version", None)
+    return {"model_uri": f"runs:/{run_id}/{name}", "model_id": info.model_id,
+            "registered_version": int(version) if version is not None else None}
+
+
+class SystemMetrics:
+    """MLflow's system metrics (``system/cpu_utilization_percentage``, memory, disk, network; GPU
+    through pynvml when it is installed) of the driver's machine, sampled every ``interval_s``
+    into run ``run_id`` from :meth:`start` to :meth:`stop`. On a cluster that is the head node
+    only. Never stops a job: a monitor that cannot start is reported once and skipped."""
+
+    def __init__(self, uri: str, run_id: str, interval_s: float = 10.0) -> None:
+        self.uri, self.run_id, self.interval_s = uri, run_id, interval_s
+        self.monitor = None
+
+    def start(self) -> SystemMetrics:
+        """Start sampling in a background thread; returns self."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.interval_s,
+                                                resume_logging=True, tracking_uri=self.uri)
+            self.monitor.start()
+        except Exception as e:  # noqa: BLE001 -- missing psutil, an odd platform: the run goes on without them
+            print(f"[tracking] no system metrics: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            self.monitor = None
+        return self
+
+    def stop(self) -> None:
+        """Log what was sampled and stop (idempotent)."""
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None

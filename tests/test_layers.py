@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [
-    {"pipeline.config"},
+    {"pipeline.config", "pipeline.deps"},
     {"pipeline.runtime", "pipeline.tracking"},
     {"pipeline.data"},
     {"pipeline.models"},

@@ -76,13 +76,18 @@ def find_remote_manifest(spec: str) -> tuple[bytes, str, str] | None:
 
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(spec)
-    path = path.rstrip("/")
-    for root in (path, posixpath.dirname(path)):
-        where = posixpath.join(root, MANIFEST)
-        if fs.get_file_info(where).type == pafs.FileType.File:
-            with fs.open_input_stream(where) as f:
-                return f.read(), root, posixpath.relpath(path, root)
+    try:
+        fs, path = pafs.FileSystem.from_uri(spec)
+        path = path.rstrip("/")
+        for root in (path, posixpath.dirname(path)):
+            where = posixpath.join(root, MANIFEST)
+            if fs.get_file_info(where).type == pafs.FileType.File:
+                with fs.open_input_stream(where) as f:
+                    return f.read(), root, posixpath.relpath(path, root)
+    except (OSError, ValueError) as e:
+        shown = spec.split("?", 1)[0].split("://", 1)
+        shown = f"{shown[0]}://{shown[1].rsplit('@', 1)[-1]}"  # no credentials in messages
+        raise ShardError(f"cannot read the shard set at {shown}: {e}") from e
     return None
 
 

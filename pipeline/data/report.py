@@ -183,10 +183,11 @@ def fetch_report(name: str, namespace: str | None = None, timeout_s: float = 30.
 
 def report_metrics(report: dict) -> dict[str, float]:
     """Run-level metrics from a :func:`fetch_report` dict, named like the stream's per-step
-    ``data_metrics``: ``data/bad_<reason>``, ``data/bad_total``, ``data/samples_seen``,
+    ``data_metrics``: ``data/bad_<reason>`` (only the reasons that occurred), ``data/bad_total``, ``data/samples_seen``,
     ``data/bad_fraction``, ``data/resumed_skip``, plus ``data/unused`` (good samples never
     trained on: pool leftovers). For the driver to log once the fit has ended."""
-    out = {f"data/bad_{r}": float(report["counts"].get(r, 0)) for r in REASONS}
+    # One metric per reason that occurred (13 zero counters would open the run's metric list).
+    out = {f"data/bad_{r}": float(report["counts"][r]) for r in REASONS if report["counts"].get(r, 0)}
     out.update({"data/bad_total": float(report["bad_total"]), "data/samples_seen": float(report["samples_seen"]),
                 "data/bad_fraction": float(report["bad_fraction"]), "data/resumed_skip": float(report["resumed_skip"]),
                 "data/unused": float(report["unused"])})

@@ -7,8 +7,11 @@ clusters never allocate a dense k x k table and no pair of samples is enumerated
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
+
+from pipeline.deps import import_faiss
+
+faiss = import_faiss()  # one clear message naming the extra when FAISS is missing
 
 ASSIGN_CHUNK = 65536
 """Vectors per nearest-centroid search when assigning clusters."""

@@ -35,15 +35,19 @@ class Embedder:
         with torch.inference_mode():
             emb = self.model(torch.from_numpy(imgs).to(self.device)).float().cpu().numpy()
         keys = np.asarray([str(k) for k in batch["__key__"]], dtype=object)[ok]
-        return {"embedding": emb.astype(np.float32), "label": labels, "key": keys}
+        out = {"embedding": emb.astype(np.float32), "label": labels, "key": keys}
+        if "__url__" in batch:  # read with include_paths: the shard of each sample
+            out["source"] = np.asarray([str(u) for u in batch["__url__"]], dtype=object)[ok]
+        return out
 
 
 def embed_shards(spec: str, model_cfg: dict, state_dict: dict, image_size: int, batch_size: int = 128,
-                 concurrency: int = 1, use_gpu: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 concurrency: int = 1, use_gpu: bool = False, with_sources: bool = False) -> tuple:
     """Embed every image of the shards at ``spec``.
 
     Returns ``(embeddings (n, d) float32, labels (n,) int64, keys (n,) str)`` where a key is
-    the sample's shard key ``<class id>_<image stem>``. Undecodable images are dropped.
+    the sample's shard key ``<class id>_<image stem>``, plus ``sources (n,) str`` (the shard
+    holding each sample) when ``with_sources``. Undecodable images are dropped.
     Raises ``ShardError`` when ``spec`` matches no shards.
     """
     import ray
@@ -51,7 +55,8 @@ def embed_shards(spec: str, model_cfg: dict, state_dict: dict, image_size: int, 
 
     paths, fs = list_shards(spec)
     ref = ray.put(state_dict)
-    ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, suffixes=["jpg", "cls"])
+    ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, suffixes=["jpg", "cls"],
+                                  include_paths=with_sources)
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"model_cfg": model_cfg, "state_ref": [ref], "image_size": image_size, "use_gpu": use_gpu},
@@ -60,11 +65,13 @@ def embed_shards(spec: str, model_cfg: dict, state_dict: dict, image_size: int, 
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
     )
-    embs, labels, keys = [], [], []
+    embs, labels, keys, sources = [], [], [], []
     for b in ds.iter_batches(batch_size=4096, batch_format="numpy"):
         embs.append(b["embedding"])
         labels.append(b["label"])
         keys.append(b["key"])
+        sources.append(b.get("source", np.zeros(0, dtype=object)))
     if not embs:
         raise ValueError(f"no decodable images in the shards at '{spec}'")
-    return np.concatenate(embs), np.concatenate(labels), np.concatenate(keys).astype(str)
+    out = (np.concatenate(embs), np.concatenate(labels), np.concatenate(keys).astype(str))
+    return (*out, np.concatenate(sources).astype(str)) if with_sources else out

@@ -26,12 +26,12 @@ CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
 loaded here with ``weights_only=True``; only its ``model`` entry is used)."""
 
 
-def _embed(cfg: Config, state: dict, data: str):
+def _embed(cfg: Config, state: dict, data: str, with_sources: bool = False):
     from pipeline.eval.embed import embed_shards
 
     return embed_shards(
         data, dataclasses.asdict(cfg.model), state, cfg.data.image_size, cfg.eval.batch_size,
-        concurrency=max(1, min(4, (os.cpu_count() or 1))), use_gpu=cfg.scaling.use_gpu,
+        concurrency=max(1, min(4, (os.cpu_count() or 1))), use_gpu=cfg.scaling.use_gpu, with_sources=with_sources,
     )
 
 
@@ -73,8 +73,9 @@ def evaluate_state(cfg: Config, state: dict, data: str, protocol: str = "retriev
 
     Returns scalar metrics: retrieval -> ``recall@{k}`` (``eval.ks``), ``nmi``, ``f1``, ``map@r``;
     verification -> ``lfw_accuracy``, ``lfw_accuracy_std``, ``tar@far=1e-03``, ``tar@far=1e-04``,
-    ``auc``; vehicleid -> ``top1``, ``top5`` (+ ``_std``), ``map``. Plots (ROC, CMC) are written
-    to ``plot_dir`` when given. Raises ValueError for an unknown protocol or a missing file.
+    ``auc``; vehicleid -> ``top1``, ``top5`` (+ ``_std``), ``map``. Plots are written to
+    ``plot_dir`` when given: retrieval ``recall_at_k.png`` and ``matches.png`` (:func:`retrieval_plots`),
+    verification ``roc.png``, vehicleid ``cmc.png``. Raises ValueError for an unknown protocol or a missing file.
     """
     from pipeline.eval.retrieval import retrieval_metrics
 
@@ -84,10 +85,13 @@ def evaluate_state(cfg: Config, state: dict, data: str, protocol: str = "retriev
         raise ValueError("the verification protocol needs --pairs FILE (LFW pairs.txt format)")
     if protocol == "vehicleid" and not test_list:
         raise ValueError("the vehicleid protocol needs --test-list FILE (VehicleID test_list_*.txt format)")
-    emb, labels, keys = _embed(cfg, state, data)
+    with_sources = protocol == "retrieval" and plot_dir is not None
+    emb, labels, keys, *sources = _embed(cfg, state, data, with_sources=with_sources)
     out: dict[str, float] = {}
     if protocol == "retrieval":
         out = retrieval_metrics(emb, labels, ks=tuple(cfg.eval.ks), seed=cfg.train.seed)
+        if with_sources:
+            retrieval_plots(Path(plot_dir), out, emb, labels, keys, sources[0], seed=cfg.train.seed)
     elif protocol == "verification":
         from pipeline.data.pairs import read_lfw_pairs
         from pipeline.eval.verification import cosine_scores, verification_metrics
@@ -118,6 +122,40 @@ def evaluate_state(cfg: Config, state: dict, data: str, protocol: str = "retriev
     return out
 
 
+def retrieval_plots(plot_dir: Path, metrics: dict, emb: np.ndarray, labels: np.ndarray, keys: np.ndarray,
+                    sources: np.ndarray, seed: int = 0, queries: int = 16, k: int = 5) -> list[Path]:
+    """``recall_at_k.png`` (Recall@K over K) and ``matches.png``: ``queries`` held-out images drawn
+    with ``seed``, each beside its top-``k`` among the other evaluated images (same class framed
+    green, another red; ``pipeline.eval.search``). Returns the paths."""
+    from pipeline.eval.search import gallery_index, matches_picture, search
+
+    ks = sorted(int(name.split("@")[1]) for name in metrics if name.startswith("recall@"))
+    paths = [_plot(plot_dir / "recall_at_k.png", ks, [metrics[f"recall@{x}"] for x in ks], "K",
+                   "Recall@K (held-out classes)", f"Recall@K ({len(np.unique(labels))} classes, {len(labels)} images)")]
+    k = min(k, len(emb) - 1)
+    pick = np.sort(np.random.default_rng(seed).choice(len(emb), size=min(queries, len(emb)), replace=False))
+    scores, ids = search(gallery_index(emb, k=k + 1), emb[pick], k, keys[pick], keys)
+    names = np.asarray([str(x) for x in labels], dtype=object)
+    rows = [{"key": str(keys[i]), "label": names[i], "source": str(sources[i])} for i in pick]
+    paths.append(matches_picture(plot_dir / "matches.png", rows, {"key": keys, "label": names, "source": sources},
+                                 ids, scores))
+    return paths
+
+
+def log_plots(uri: str, run_id: str, protocol: str, evaluate, retry_s: float = 0.0) -> dict:
+    """Run ``evaluate(plot_dir)`` (returns metrics) with a temporary plot folder and upload the
+    plots it wrote to the run's ``eval/<protocol>/``; returns the metrics."""
+    import tempfile
+
+    from pipeline import tracking
+
+    with tempfile.TemporaryDirectory() as plots:
+        metrics = evaluate(plots)
+        if os.listdir(plots):
+            tracking.log_artifacts(uri, run_id, plots, f"eval/{protocol}", retry_s=retry_s)
+    return metrics
+
+
 def evaluate_run(run_id: str, data: str = "", tracking_uri: str = "", protocol: str = "retrieval",
                  pairs: str = "", test_list: str = "") -> dict:
     """Evaluate a finished run's checkpoint (from MLflow) and log metrics and plots to the same run.
@@ -125,8 +163,6 @@ def evaluate_run(run_id: str, data: str = "", tracking_uri: str = "", protocol: 
     ``data`` defaults to the run's ``data.eval``. Returns ``{"run_id", "protocol", "metrics"}``.
     Raises LookupError for an unknown run and FileNotFoundError when it has no checkpoint.
     """
-    import tempfile
-
     import yaml
 
     from pipeline import tracking
@@ -147,11 +183,8 @@ def evaluate_run(run_id: str, data: str = "", tracking_uri: str = "", protocol: 
         if f and not Path(f).is_file():
             raise FileNotFoundError(f"file '{f}' does not exist")
     init_ray(cfg.scaling.num_cpus)
-    with tempfile.TemporaryDirectory() as plots:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
-        metrics = evaluate_state(cfg, state, data, protocol, pairs, test_list, plots)
-        if os.listdir(plots):
-            tracking.log_artifacts(uri, run_id, plots, f"eval/{protocol}")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    metrics = log_plots(uri, run_id, protocol, lambda d: evaluate_state(cfg, state, data, protocol, pairs, test_list, d))
     step = int(run.data.params.get("train.steps", 0))
     prefix = "" if protocol == "retrieval" else f"{protocol}/"
     tracking.log_metrics(uri, run_id, {prefix + k: v for k, v in metrics.items()}, step=step)

@@ -18,10 +18,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 
-import faiss
 import numpy as np
 
+from pipeline.deps import import_faiss
 from pipeline.eval.clustering import kmeans_assign, nmi, pairwise_f1
+
+faiss = import_faiss()  # one clear message naming the extra when FAISS is missing
 
 DEFAULT_CHUNK_SIZE = 8192
 """Queries per FAISS search call. FAISS blocks the BLAS work itself; the chunk
@@ -96,11 +98,11 @@ def iter_knn(
         q = queries[start : start + rows]
         scores, ids = index.search(q, k_search)
         if exclude_self:
-            scores, ids = _drop_self(scores, ids, np.arange(start, start + len(q)))
+            scores, ids = drop_self(scores, ids, np.arange(start, start + len(q)))
         yield start, scores, ids
 
 
-def _drop_self(scores: np.ndarray, ids: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def drop_self(scores: np.ndarray, ids: np.ndarray, self_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Drop one column per row: the query's own id, or the last column if it is absent."""
     drop = ids == self_ids[:, None]
     drop[:, -1] |= ~drop.any(axis=1)

@@ -2,7 +2,7 @@
 
 Check the data -> start or join Ray -> check storage -> open (or reopen) the MLflow run ->
 start the run's actors (miner, batch planner) -> one stream per rank -> ``TorchTrainer.fit`` ->
-log the checkpoint -> evaluate -> end the run. Each step's details live with the module
+log the checkpoint -> log the MLflow model (``log_model``) -> evaluate -> end the run. Each step's details live with the module
 that owns them (``pipeline.runtime``, ``pipeline.data.manifest``, ``pipeline.train.
 checkpoint``, ``pipeline.tracking``, ``pipeline.mining.refresh``, ``pipeline.data.report``).
 
@@ -29,12 +29,13 @@ from pipeline import runtime, tracking
 from pipeline.config import Config, dump_yaml, to_dict
 from pipeline.data import report
 from pipeline.data.cache import index_spec
-from pipeline.data.manifest import class_models, prepare_data
+from pipeline.data.manifest import class_models, find_manifest, prepare_data
 from pipeline.data.planner_actor import create_planner, planner_name
 from pipeline.data.stream import build_train_datasets, data_config, stream_shape
-from pipeline.eval.evaluate import evaluate_state
+from pipeline.eval.evaluate import evaluate_state, log_plots
 from pipeline.mining.refresh import start_miner
 from pipeline.models import initial_state
+from pipeline.models.inference import example_images, inference_model
 from pipeline.train.checkpoint import CKPT_FILE, load_checkpoint, resume_point
 from pipeline.train.loop import train_loop_per_worker
 from pipeline.train.process_group import LoopbackTorchConfig
@@ -43,7 +44,7 @@ from pipeline.train.process_group import LoopbackTorchConfig
 def run_training(cfg: Config) -> dict:
     """Train per ``cfg``, evaluate on ``data.eval`` when set, and track it all in MLflow.
 
-    Returns ``{"run_id": ..., "metrics": {...}, "checkpoint": path}``. The MLflow run ends
+    Returns ``{"run_id": ..., "metrics": {...}, "checkpoint": path, "model": {"model_uri", ...}}``. The MLflow run ends
     FINISHED, or FAILED (then the exception propagates), or KILLED on KeyboardInterrupt.
     A job whose ``train.run_name`` has checkpoints in ``train.storage_path`` resumes that
     run (see the module docstring). Raises, before Ray or any MLflow run starts, ShardError
@@ -55,7 +56,8 @@ def run_training(cfg: Config) -> dict:
     storage = runtime.storage_path(cfg.train.storage_path)
     runtime.check_storage(cfg.train.storage_path or storage)
     latest = resume_point(storage, cfg.train.run_name, cfg.train.steps)
-    uri, run_id = tracking.open_run(cfg, dump_yaml(cfg), cfg.train.run_name, latest)
+    uri, run_id = tracking.open_run(cfg, dump_yaml(cfg), cfg.train.run_name, latest, inputs=shard_inputs(cfg))
+    system = tracking.SystemMetrics(uri, run_id).start()
     # A checkpoint Ray Train does not know of (its snapshot was lost): the loop loads it itself.
     resume_from = latest["path"] if latest is not None and not latest["registered"] else None
     name = cfg.train.run_name or f"dml-{run_id[:8]}"
@@ -112,22 +114,48 @@ def run_training(cfg: Config) -> dict:
         with result.checkpoint.as_directory() as d:
             tracking.log_artifacts(uri, run_id, d, "checkpoint", retry_s=retry_s)
             state = load_checkpoint(os.path.join(d, CKPT_FILE))["model"]
-        tracking.log_metrics(uri, run_id, {"train_time_s": train_s}, step=cfg.train.steps, retry_s=retry_s)
+        logged = log_model(cfg, uri, run_id, state)
+        tracking.log_metrics(uri, run_id, metrics, step=cfg.train.steps, retry_s=retry_s)
         if cfg.data.eval:
-            ev = evaluate_state(cfg, state, cfg.data.eval)
+            ev = evaluate_and_plot(cfg, uri, run_id, state)
             untrained = evaluate_state(cfg, initial_state(cfg), cfg.data.eval)
             ev.update({f"untrained_{k}": v for k, v in untrained.items()})
             tracking.log_metrics(uri, run_id, ev, step=cfg.train.steps, retry_s=retry_s)
             metrics.update(ev)
         status = "FINISHED"
-        return {"run_id": run_id, "metrics": metrics, "checkpoint": result.checkpoint.path}
+        return {"run_id": run_id, "metrics": metrics, "checkpoint": result.checkpoint.path, "model": logged}
     except (KeyboardInterrupt, SystemExit):  # Ray's driver turns SIGTERM into SystemExit
         status = "KILLED"
         raise
     finally:
+        system.stop()
         if planner is not None:
             report.log_report(uri, run_id, report_name, cfg.train.steps, cfg.tracking.retry_s)
             ray.kill(planner)
         tracking.end_run(uri, run_id, status, retry_s=cfg.tracking.retry_s)
         if status != "FINISHED":
             print(f"[train] run {run_id} ended {status}", file=sys.stderr, flush=True)
+
+
+def log_model(cfg: Config, uri: str, run_id: str, state: dict) -> dict:
+    """Log the trained weights as the run's MLflow model (uint8 images -> unit-norm embeddings).
+
+    Registered as ``tracking.register_model`` when set. Returns what
+    ``tracking.log_inference_model`` returns.
+    """
+    model = inference_model(cfg.model, state, cfg.data.image_size)
+    return tracking.log_inference_model(uri, run_id, model, example_images(cfg.data.image_size),
+                                        registered_name=cfg.tracking.register_model, step=cfg.train.steps,
+                                        retry_s=cfg.tracking.retry_s)
+
+
+def shard_inputs(cfg: Config) -> list:
+    """The run's MLflow dataset inputs: ``data.train`` (context train) and ``data.eval`` (eval), digests from the manifest."""
+    sets = [("train", cfg.data.train, "train")] + ([("eval", cfg.data.eval, "holdout")] if cfg.data.eval else [])
+    return [tracking.shard_dataset(context, spec, find_manifest(spec), split) for context, spec, split in sets]
+
+
+def evaluate_and_plot(cfg: Config, uri: str, run_id: str, state: dict) -> dict:
+    """Retrieval evaluation of ``state`` on ``data.eval``; its plots (Recall@K, matches) go to the run's ``eval/retrieval/``."""
+    return log_plots(uri, run_id, "retrieval", lambda d: evaluate_state(cfg, state, cfg.data.eval, plot_dir=d),
+                     retry_s=cfg.tracking.retry_s)

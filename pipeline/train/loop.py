@@ -6,7 +6,7 @@ global batch, and a cross-rank loss (the gather in ``pipeline.losses``) sees all
 Every rank reports metrics through ``ray.train.report``; only rank 0 attaches checkpoints
 and logs per-step metrics to MLflow.
 
-Mining metrics (rank 0, per step, ``mine/*``): the hardness of rank 0's slice
+Mining metrics (rank 0, per step, ``mine/*``; none when mining is off): the hardness of rank 0's slice
 (``pipeline.mining.hardness``, from the embeddings already computed, under no_grad); with
 the miner on, also the planner's selection info (time, fallbacks, index version), the same
 hardness of the random side slice when the row carries one, and the asynchronous refreshes
@@ -241,7 +241,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ledger.write(step, ids[keep], batch["labels"][0].cpu().numpy()[keep], int(batch["pass"][0]))
         if metrics_out is not None:
             t_mine = time.perf_counter()
-            row = _mining_metrics(batch, emb, labels, _unwrap(model), step) if loop_config.get("miner") else {}
+            # No mine/* metrics for a run without mining; losses are logged per log interval below.
+            row = _mining_metrics(batch, emb.float(), labels, _unwrap(model), step) if cfg.miner.enabled else {}
             if refresher is not None:
                 done = refresher.poll()
                 if done is not None:
@@ -252,7 +253,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     refresher.request({k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}, step)
                     row["mine/refresh_skipped"] = refresher.skipped
                     row["mine/refresh_failed"] = refresher.failed
-            if loop_config.get("miner"):
+            if cfg.miner.enabled:
                 row["mine/rank0_overhead_ms"] = 1000.0 * (time.perf_counter() - t_mine)
             if step % cfg.train.log_every == 0 or step >= cfg.train.steps:
                 row.update(_data_metrics(planner))  # the run's skipped-sample counts per reason so far

@@ -99,6 +99,7 @@ def test_a_remote_directory_without_a_manifest_is_refused(s3, tmp_path):
     fs, uri = s3
     with fs.open_output_stream("sets/loose/a.tar") as f:
         f.write(b"\0" * 1024)
+    assert find_manifest(uri("sets/loose")) is None
     with pytest.raises(ShardError, match="no manifest.json .*jobs.make_shards"):
         RemoteSet(uri("sets/loose"), str(tmp_path))
 

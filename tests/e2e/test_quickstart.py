@@ -14,24 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.e2e.jobs import run_job
 from tests.sockets import is_loopback, listening_of, session_pids
 
 pytestmark = pytest.mark.e2e
 STEPS = 6
 
 
-def _run(args: list[str], cwd: Path, timeout: int = 600) -> dict:
-    env = dict(os.environ, RAY_DEDUP_LOGS="0", RAY_ADDRESS="")
-    env.pop("RAY_ADDRESS")
-    p = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert p.returncode == 0, f"{args[0]} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
 
 @pytest.fixture(scope="module")
 def trained(tiny_shards, tmp_path_factory):
     work = tmp_path_factory.mktemp("qs")
-    out = _run(["jobs.train", "--config", str(Path(__file__).parents[2] / "configs/quickstart.yaml"),
+    out = run_job(["jobs.train", "--config", str(Path(__file__).parents[2] / "configs/quickstart.yaml"),
                 f"data.train={tiny_shards}/train", f"data.eval={tiny_shards}/holdout", "data.image_size=32",
                 f"train.steps={STEPS}", "train.log_every=2", "batch.classes_per_batch=4", "miner.pool_classes=8",
                 "train.run_name=e2e"], cwd=work)
@@ -70,7 +64,7 @@ def test_train_reports_metrics_and_tracks_the_run(trained):
 
 def test_evaluate_job_reproduces_the_run_metrics(trained):
     work, out = trained
-    ev = _run(["jobs.evaluate", "--run-id", out["run_id"]], cwd=work)
+    ev = run_job(["jobs.evaluate", "--run-id", out["run_id"]], cwd=work)
     assert ev["run_id"] == out["run_id"]
     assert ev["metrics"]["recall@1"] == pytest.approx(out["metrics"]["recall@1"], abs=1e-9)
     assert ev["metrics"]["num_eval_images"] == 160
@@ -91,7 +85,7 @@ def test_evaluate_job_verification_and_vehicleid_protocols(trained, tiny_shards)
         a, b = hold[f % len(hold)], hold[(f + 1) % len(hold)]
         lines += [f"{a}\t1\t2", f"{a}\t1\t{b}\t3"]
     (work / "pairs.txt").write_text("\n".join(lines) + "\n")
-    ver = _run(["jobs.evaluate", "--run-id", out["run_id"], "--protocol", "verification",
+    ver = run_job(["jobs.evaluate", "--run-id", out["run_id"], "--protocol", "verification",
                 "--pairs", str(work / "pairs.txt")], cwd=work)
     acc = ver["metrics"]["lfw_accuracy"]
     assert ver["protocol"] == "verification" and 0.0 <= acc <= 1.0
@@ -100,7 +94,7 @@ def test_evaluate_job_verification_and_vehicleid_protocols(trained, tiny_shards)
 
     test_list = [f"{name}_{i:04d} {vid}" for vid, name in enumerate(hold[:10]) for i in range(8)]
     (work / "test_list_800.txt").write_text("\n".join(test_list) + "\n")
-    veh = _run(["jobs.evaluate", "--run-id", out["run_id"], "--protocol", "vehicleid",
+    veh = run_job(["jobs.evaluate", "--run-id", out["run_id"], "--protocol", "vehicleid",
                 "--test-list", str(work / "test_list_800.txt")], cwd=work)
     m = veh["metrics"]
     assert 0.0 <= m["top1"] <= m["top5"] <= 1.0
