@@ -73,6 +73,7 @@ class PlannerActor:
         self.planner = None
         self.start, self.attempt, self.seen = 0, 0, 0
         self.done_through: dict[int, int] = {}  # rank -> last step it reported trained (this attempt)
+        self.known_bad: set[int] = set()  # sample ids found bad (at most the bad fraction of the data)
         self.selected: dict[int, dict] = {}  # step -> the miner's answer when it was planned
         self._event = asyncio.Event()  # set (and replaced) whenever a waiting slice may go on
 
@@ -145,7 +146,16 @@ class PlannerActor:
         if self.max_passes and plan.pass_index >= self.max_passes:
             return {"end": True}
         part = plan.slice(rank)
-        out = {"sample_ids": part.sample_ids, "labels": part.labels, "pass": int(plan.pass_index)}
+        known = [int(i) for i in part.sample_ids if int(i) in self.known_bad]
+        if known:
+            # Found bad in an earlier pass after this step's pass was planned (the planner skips
+            # bad ids only in passes that start later): swapped now, not read or counted again.
+            none_left = [i for i in known if self.planner.replace(step, rank, i) is None]
+            part = plan.slice(rank)
+        ids = part.sample_ids
+        if known and none_left:  # the class has no unused sample left: the stream copies a classmate (-1)
+            ids = np.where(np.isin(ids, none_left), -1, ids)
+        out = {"sample_ids": ids, "labels": part.labels, "pass": int(plan.pass_index)}
         if rank == 0:
             out.update(self.selected.pop(step, {}))
             if self.random_every and step % self.random_every == 0:
@@ -196,6 +206,7 @@ class PlannerActor:
         """
         shard = self.paths[int(self.index_shard[sample_id])]
         self.report.add([(shard, key or f"sample {sample_id}", reason)])
+        self.known_bad.add(int(sample_id))
         new = self.planner.replace(step, rank, int(sample_id))
         self._check()
         return -1 if new is None else int(new)

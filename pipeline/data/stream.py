@@ -154,12 +154,12 @@ class FetchDecode:
         import ray
 
         bad = np.zeros(len(REASONS), dtype=np.int64)
-        todo = np.arange(len(ids))
+        todo = np.flatnonzero(ids >= 0)  # -1: the planner had no sample left for the slot (a classmate's copy)
         for attempt in range(MAX_REPLACEMENTS + 1):
             jpgs = self._read(ids[todo])
             problems = ["truncated_tar" if b is None else jpeg_problem(b) for b in jpgs]
             readable = np.flatnonzero([p is None for p in problems])
-            if len(readable) == len(ids):  # the usual case: decode straight into the output, no copy
+            if len(readable) == len(ids) == len(todo):  # the usual case: decode straight into the output
                 decoded = decode_into(jpgs, images, self._flips(ids, step))
             elif len(readable):
                 buf = np.empty((len(readable), self.size, self.size, 3), dtype=np.uint8)

@@ -195,3 +195,29 @@ def test_a_shard_cut_short_trains_what_it_still_holds_and_replaces_the_rest(ray_
     assert 0 < report["counts"]["truncated_tar"] == int(bad.sum()) <= len(lost)
     assert {i["shard"] for i in report["items"]} == {str(path)}
     ray.kill(actor)
+
+
+def test_a_sample_found_bad_is_not_handed_out_again_in_a_pass_planned_before(tiny_shards):
+    import asyncio
+
+    from pipeline.data.planner_actor import PlannerActor
+
+    actor = PlannerActor(str(tiny_shards), N, M, 1, 3, max_lead=100)  # the class itself: no Ray needed
+    passes = len(load_index(str(tiny_shards), "train")) // (N * M)
+
+    async def run():
+        await actor.begin(0, None)
+        first = await actor.slices(list(range(2 * passes)), 0)  # both passes planned before anything is read
+        bad = int(first[0]["sample_ids"][0])
+        again = [s for s in range(passes, 2 * passes) if bad in first[s]["sample_ids"]]
+        assert again, "the second pass draws every sample again"
+        await actor.replace(0, 0, bad, "corrupt_image")
+        later = [await actor.slice(s, 0) for s in range(passes, 2 * passes)]
+        return bad, later, again
+
+    bad, later, again = asyncio.run(run())
+    assert not any(bad in part["sample_ids"] for part in later)
+    # Pass 2 was planned whole: no unused classmate was left, so the slot says -1 (a classmate's copy).
+    assert sum(int((part["sample_ids"] == -1).sum()) for part in later) == len(again)
+    report = asyncio.run(actor.fetch())
+    assert report["counts"]["corrupt_image"] == 1

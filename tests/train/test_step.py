@@ -148,6 +148,8 @@ def test_bad_schedule_and_precision_settings_are_refused_naming_the_key():
     with pytest.raises(ConfigError, match="train.lr_milestones"):
         _cfg("train.lr_schedule=step", "train.lr_milestones=[60,30]")
     with pytest.raises(ConfigError, match="train.warmup_steps"):
-        _cfg("train.warmup_steps=100")
+        _cfg("train.warmup_steps=-1")
+    short = _cfg("train.steps=5", "train.warmup_steps=180", "train.lr_schedule=cosine")  # a real config, shortened
+    assert [lr_factor(short.train, s) for s in range(5)] == pytest.approx([(s + 1) / 180 for s in range(5)])
     with pytest.raises(ConfigError, match="train.lr_schedule.*cosine"):
         _cfg("train.lr_schedule=cosin")
