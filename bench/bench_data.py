@@ -9,10 +9,11 @@ For each image size, on synthetic class-grouped shards:
   * stream: images/s of the full Ray Data stream (planner slice + read by index + decode + flip) delivered
     to a consumer that does nothing, as the cores divided by the CPU seconds that this
     driver and every process it started (our Ray session only: GCS, raylet, workers) spend
-    per delivered image (see ``stream_rate``): "marginal" = the extra CPU per extra image
-    between a run of E passes and one of 3E (start-up cancels; ``marginal_rate``), the
-    headline figure; "whole run" = the 3E-pass run with its start-up. The CPU split per
-    process kind is printed;
+    per delivered image (see ``stream_rate``): the headline is the steady "window" of the
+    3E-pass run (CPU between 20% and 80% of its images delivered: same processes, start-up
+    outside); "marginal" = the extra CPU per extra image between a run of E passes and one of
+    3E (``marginal_rate``; noisy, as Ray reuses and renames worker processes between runs);
+    "whole run" = the 3E-pass run with its start-up. The CPU split per process kind is printed;
   * read stage alone: our tar parser (``pipeline.data.reader.iter_samples``) vs plain
     ``tarfile`` iteration, in this process, CPU seconds per sample.
 With ``--profile DIR`` it also runs the stream a second time sampled by py-spy (``py-spy record
