@@ -204,9 +204,12 @@ class PlannerActor:
 
         Raises DataQualityError once bad samples exceed ``data.max_bad_fraction``.
         """
-        shard = self.paths[int(self.index_shard[sample_id])]
-        self.report.add([(shard, key or f"sample {sample_id}", reason)])
-        self.known_bad.add(int(sample_id))
+        if int(sample_id) not in self.known_bad:
+            # Counted once: a slice fetched ahead, or another rank's slice of a later pass, can
+            # still hold a sample that was found bad after it was handed out.
+            shard = self.paths[int(self.index_shard[sample_id])]
+            self.report.add([(shard, key or f"sample {sample_id}", reason)])
+            self.known_bad.add(int(sample_id))
         new = self.planner.replace(step, rank, int(sample_id))
         self._check()
         return -1 if new is None else int(new)
