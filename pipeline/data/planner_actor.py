@@ -157,7 +157,9 @@ class PlannerActor:
             ids = np.where(np.isin(ids, none_left), -1, ids)
         out = {"sample_ids": ids, "labels": part.labels, "pass": int(plan.pass_index)}
         if rank == 0:
-            out.update(self.selected.pop(step, {}))
+            # get, not pop: a fetch actor that asked ahead may drop the part and ask again
+            # (the entries go when every rank has taken the step, in done()).
+            out.update(self.selected.get(step, {}))
             if self.random_every and step % self.random_every == 0:
                 out["side_ids"], out["side_labels"] = self._side(step, len(part.sample_ids))
         return out
@@ -197,6 +199,9 @@ class PlannerActor:
         except ValueError:
             return  # a step of the previous attempt, reported after begin(): nothing to take
         self.done_through[rank] = max(step, self.done_through.get(rank, -1))
+        slowest = self.planner.slowest()
+        for s in [s for s in self.selected if s < slowest]:
+            del self.selected[s]
         self._wake()
 
     async def replace(self, step: int, rank: int, sample_id: int, reason: str, key: str = "") -> int:
