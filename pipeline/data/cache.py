@@ -49,7 +49,9 @@ CHUNK = 8 << 20
 
 def is_remote(spec: str) -> bool:
     """True for a shard spec on a pyarrow filesystem URI (``s3://``...), False for a local path or ``file://``."""
-    return "://" in spec and not spec.startswith("file://")
+    from pipeline.runtime import is_uri
+
+    return is_uri(spec)
 
 
 def cache_dir(configured: str = "") -> Path:

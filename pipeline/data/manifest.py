@@ -62,7 +62,9 @@ def list_shards(spec: str) -> tuple[list[str], object | None]:
 
 def find_manifest(spec: str) -> dict | None:
     """Return the manifest of the shard set that ``spec`` points into (its dir or a parent, local or a URI), or None."""
-    if "://" in spec and not spec.startswith("file://"):
+    from pipeline.runtime import is_uri
+
+    if is_uri(spec):
         found = find_remote_manifest(spec)
         return json.loads(found[0]) if found is not None else None
     root = manifest_dir(spec.removeprefix("file://"))

@@ -73,7 +73,9 @@ class PlannerActor:
         self.planner = None
         self.start, self.attempt, self.seen = 0, 0, 0
         self.done_through: dict[int, int] = {}  # rank -> last step it reported trained (this attempt)
-        self.known_bad: set[int] = set()  # sample ids found bad (at most the bad fraction of the data)
+        # Sample ids found bad: at most data.max_bad_fraction of the samples before the run stops
+        # (1% of CASIA-WebFace: 5k ids, ~0.4 MB as a Python set; of WebFace42M: 420k, ~30 MB).
+        self.known_bad: set[int] = set()
         self.selected: dict[int, dict] = {}  # step -> the miner's answer when it was planned
         self._event = asyncio.Event()  # set (and replaced) whenever a waiting slice may go on
 
