@@ -96,7 +96,7 @@ def find_remote_manifest(spec: str) -> tuple[bytes, str, str] | None:
 FALLBACK_IMAGE_SIZE = 64
 """``data.image_size`` when it is 0 and the shards keep their source sizes (or have no manifest)."""
 
-SPLIT_OF_KEY = {"data.train": "train", "data.eval": "holdout"}
+SPLIT_OF_KEY = {"data.train": "train", "data.eval": "holdout", "eval.data": "holdout"}
 """The split each config key must stay within."""
 
 
@@ -174,6 +174,8 @@ def prepare_data(cfg) -> None:
     check_split(cfg.data.train, "data.train")
     if cfg.data.eval:
         check_split(cfg.data.eval, "data.eval")
+    if cfg.eval.data:
+        check_split(cfg.eval.data, "eval.data")
     cfg.data.image_size = resolve_image_size(cfg)
 
 
