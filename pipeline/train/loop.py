@@ -96,8 +96,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             raise RuntimeError(f"rank {rank} got the slice of step {int(batch['step'][0])} while at step {step}: "
                                f"the stream lost its order")
         telemetry.arrived()
-        images = batch["images"][0].to(device, non_blocking=True)
         labels = batch["labels"][0].to(device)
+        images = _images(batch, cfg.data.image_size, device, labels, planner)
         model.train()
         lr = train_step.lr()
         emb = train_step(images, labels)
@@ -130,6 +130,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
             f"the data stream ran dry after {step} of {cfg.train.steps} steps on rank {rank}: "
             f"raise data.epochs or lower train.steps"
         )
+
+
+def _images(batch: dict, size: int, device: torch.device, labels: torch.Tensor, planner) -> torch.Tensor:
+    """The step's (B, H, W, 3) uint8 images on ``device``: the stream's pixels, or, with
+    ``data.decode_device: cuda``, its JPEG bytes decoded here (``pipeline.data.decode.decode_batch``).
+
+    An image that fails to decode here is replaced by a classmate's and reported to the planner
+    (``PlannerActor.report_bad``: counted as ``corrupt_image``, not planned again).
+    """
+    if "jpeg" not in batch:
+        return batch["images"][0].to(device, non_blocking=True)
+    from pipeline.data.decode import decode_batch
+
+    images, ok = decode_batch(batch["jpeg"][0], batch["jpeg_offsets"][0], batch["flips"][0], size, device)
+    if not bool(ok.all()):
+        ids = batch["sample_ids"][0]
+        good = ok.to(labels.device)
+        for slot in torch.nonzero(~ok).flatten().tolist():
+            mates = torch.nonzero(good & (labels == labels[slot])).flatten()
+            if len(mates):
+                images[slot] = images[int(mates[0])]
+        planner.report_bad.remote([int(i) for i in ids[~ok] if int(i) >= 0], "corrupt_image")
+    return images
 
 
 def _objective(cfg, class_models: dict[int, int] | None, world: int, device: torch.device):

@@ -36,8 +36,10 @@ def side_embeddings(module: torch.nn.Module, images: torch.Tensor) -> torch.Tens
         return functional_call(module, state, (images,))
 
 
-def mining_metrics(batch: dict, emb: torch.Tensor, labels: torch.Tensor, module: torch.nn.Module) -> dict:
-    """Rank 0's per-step ``mine/*`` metrics of one batch (see the module docstring)."""
+def mining_metrics(batch: dict, emb: torch.Tensor, labels: torch.Tensor, module: torch.nn.Module,
+                   size: int = 0) -> dict:
+    """Rank 0's per-step ``mine/*`` metrics of one batch (see the module docstring); ``size``: the
+    image side, to decode a side batch that came as JPEG bytes (``data.decode_device: cuda``)."""
     from pipeline.mining.hardness import batch_hardness
 
     # NaN (a rank batch of one class has no negative) is left out rather than logged.
@@ -47,7 +49,14 @@ def mining_metrics(batch: dict, emb: torch.Tensor, labels: torch.Tensor, module:
         out["mine/fallbacks"] = float(batch["fallbacks"][0])
         out["mine/index_version"] = float(batch["miner_version"][0])
         if bool(batch["has_rand"][0]):
-            rand_emb = side_embeddings(module, batch["rand_images"][0].to(emb.device))
+            if "rand_jpeg" in batch:
+                from pipeline.data.decode import decode_batch
+
+                rand_images, _ = decode_batch(batch["rand_jpeg"][0], batch["rand_jpeg_offsets"][0], None, size,
+                                              emb.device)
+            else:
+                rand_images = batch["rand_images"][0].to(emb.device)
+            rand_emb = side_embeddings(module, rand_images)
             rand = batch_hardness(rand_emb, batch["rand_labels"][0].to(emb.device))
             out.update({f"mine/random_{k}": v for k, v in rand.items() if v == v})
     return out
@@ -94,7 +103,7 @@ class Telemetry:
             return
         cfg = self.cfg
         t0 = time.perf_counter()
-        row = mining_metrics(batch, emb.float(), labels, module) if cfg.miner.enabled else {}
+        row = mining_metrics(batch, emb.float(), labels, module, cfg.data.image_size) if cfg.miner.enabled else {}
         if self.refresher is not None:
             done = self.refresher.poll()
             if done is not None:
