@@ -178,12 +178,12 @@ def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir:
     it = ds.iter_torch_batches(batch_size=1, prefetch_batches=4, pin_memory=not dry)
 
     def batches(keep=planner):  # the generator holds the planner's handle: the actor lives as long
-        from pipeline.train.loop import _images
+        from pipeline.train.loop import step_images
 
         for b in it:
             keep.done.remote(int(b["step"][0]), 0)  # what the train loop does after each step
             labels = b["labels"][0]
-            yield _images(b, size, device or torch.device("cpu"), labels.to(device or "cpu"), keep), labels
+            yield step_images(b, size, device or torch.device("cpu"), labels.to(device or "cpu"), keep), labels
 
     return batches()
 

@@ -34,16 +34,13 @@ from pipeline.train.step import MetricObjective, MixedDiffObjective, TrainStep, 
 from pipeline.train.telemetry import Telemetry
 from pipeline.train.worker_config import WorkerConfig
 
-__all__ = ["CKPT_FILE", "load_checkpoint", "train_loop_per_worker"]
+__all__ = ["CKPT_FILE", "load_checkpoint", "step_images", "train_loop_per_worker"]
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point; ``loop_config`` is a :class:`WorkerConfig` as a dict."""
     import ray
     import ray.train
-    import ray.train.torch
-
-    from pipeline.models import build_model
 
     wc = WorkerConfig.from_dict(loop_config)
     cfg = wc.cfg
@@ -52,25 +49,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP broadcasts rank 0's anyway
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     resume = Checkpointer.load(wc.resume_from)
-    model = build_model(cfg.model)
-    if resume is not None:
-        model.load_state_dict(resume["model"])  # before DDP wraps it: it broadcasts rank 0's weights
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    module = model.module if hasattr(model, "module") else model
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # the *_object collectives below use the current device with nccl
+    model, module, device = _model(cfg, resume)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer)
-    heldout = _heldout(cfg) if rank == 0 else None
     ckpt = Checkpointer(cfg, wc.run_id, wc.planner, rank, world, evaluates=bool(cfg.eval.data or cfg.data.eval))
     step, planner_state = ckpt.restore(resume, optimizer, scheduler) if resume is not None else (0, None)
     start_step = step
     attempt, started = _begin_attempt(rank, world, wc.planner, step, planner_state)
     if step >= cfg.train.steps:
         return  # the run is complete; nothing to redo
+    heldout = _heldout(cfg) if rank == 0 else None
     planner = ray.get_actor(wc.planner)
     done_every = max(1, cfg.data.max_lead // 4)
     telemetry = Telemetry(cfg, rank, world, wc.tracking_uri, wc.run_id, wc.planner, wc.refresher)
@@ -97,7 +85,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                f"the stream lost its order")
         telemetry.arrived()
         labels = batch["labels"][0].to(device)
-        images = _images(batch, cfg.data.image_size, device, labels, planner)
+        images = step_images(batch, cfg.data.image_size, device, labels, planner)
         model.train()
         lr = train_step.lr()
         emb = train_step(images, labels)
@@ -132,7 +120,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
 
 
-def _images(batch: dict, size: int, device: torch.device, labels: torch.Tensor, planner) -> torch.Tensor:
+def _model(cfg, resume: dict | None):
+    """``(model wrapped by Ray Train (DDP), the module inside, device)``, with the checkpoint's weights when resuming."""
+    import ray.train.torch
+
+    from pipeline.models import build_model
+
+    model = build_model(cfg.model)
+    if resume is not None:
+        model.load_state_dict(resume["model"])  # before DDP wraps it: it broadcasts rank 0's weights
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the *_object collectives below use the current device with nccl
+    return model, (model.module if hasattr(model, "module") else model), device
+
+
+def step_images(batch: dict, size: int, device: torch.device, labels: torch.Tensor, planner) -> torch.Tensor:
     """The step's (B, H, W, 3) uint8 images on ``device``: the stream's pixels, or, with
     ``data.decode_device: cuda``, its JPEG bytes decoded here (``pipeline.data.decode.decode_batch``).
 

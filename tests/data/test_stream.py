@@ -232,12 +232,16 @@ def test_rows_of_jpeg_bytes_decode_in_the_trainer_to_the_same_pixels(ray_local, 
 
     ray = ray_local
     steps = 6
-    rows = {}
-    for raw in (False, True):
-        cfg = _cfg(tiny_shards / "train", steps, workers=1)
+    cfg = _cfg(tiny_shards / "train", steps, workers=1)
+    datasets, actors = {}, []
+    for raw in (False, True):  # two planners with the same seed: the same plans; both streams at once
         name, actor = _planner(tiny_shards, cfg)
         ray.get(actor.begin.remote(0, None))
-        rows[raw] = _consume(build_train_datasets(cfg, name, 0, raw=raw))[0]
+        datasets[raw] = build_train_datasets(cfg, name, 0, raw=raw)["train_0"]
+        actors.append(actor)
+    got = _consume(datasets)
+    rows = {False: got[0], True: got[1]}
+    for actor in actors:
         ray.kill(actor)
     assert cfg.data.augment  # flips on: some images of the rows are mirrored
     flipped = 0
@@ -256,7 +260,7 @@ def test_an_image_that_fails_the_trainers_decode_is_replaced_by_a_classmate_and_
     import torch
 
     from pipeline.data.decode import pack_jpegs
-    from pipeline.train.loop import _images
+    from pipeline.train.loop import step_images
 
     ray = ray_local
     cfg = _cfg(tiny_shards / "train", 4, workers=1)
@@ -269,7 +273,7 @@ def test_an_image_that_fails_the_trainers_decode_is_replaced_by_a_classmate_and_
     labels = torch.tensor([7, 7, 9, 9])
     batch = {"jpeg": torch.from_numpy(buf.copy())[None], "jpeg_offsets": torch.from_numpy(offsets)[None],
              "flips": torch.zeros(1, 4, dtype=torch.bool), "sample_ids": torch.tensor([[0, 1, 2, 3]])}
-    images = _images(batch, 32, torch.device("cpu"), labels, actor)
+    images = step_images(batch, 32, torch.device("cpu"), labels, actor)
     assert torch.equal(images[2], images[3]) and images[3].float().std() > 0  # slot 2: its classmate's image
     assert not torch.equal(images[0], images[1])
     import time
