@@ -100,6 +100,15 @@ SPLIT_OF_KEY = {"data.train": "train", "data.eval": "holdout", "eval.data": "hol
 """The split each config key must stay within."""
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` with a local path (directory, file or glob) made absolute; URIs and "" as given.
+
+    What the driver hands to Ray workers, whose working directory is not the job's."""
+    if not spec or "://" in spec:
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
+
+
 def manifest_dir(spec: str) -> Path | None:
     """The directory holding the ``manifest.json`` of the shard set ``spec`` points into, or None.
 

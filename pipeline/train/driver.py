@@ -29,7 +29,7 @@ from pipeline import runtime, tracking
 from pipeline.config import Config, dump_yaml
 from pipeline.data import report
 from pipeline.data.cache import index_spec
-from pipeline.data.manifest import class_models, find_manifest, prepare_data
+from pipeline.data.manifest import absolute_spec, class_models, find_manifest, prepare_data
 from pipeline.data.planner_actor import create_planner, planner_name
 from pipeline.data.stream import build_train_datasets, data_config, stream_shape
 from pipeline.eval.evaluate import evaluate_state, log_plots
@@ -80,7 +80,7 @@ def run_training(cfg: Config) -> dict:
         actors = miner.actors if miner else []
         datasets = build_train_datasets(cfg, report_name, int(latest["step"]) if latest else 0,
                                         miner.max_lead if miner else 0)
-        worker = WorkerConfig(cfg, uri, run_id, report_name, refresher=miner.refresher if miner else None,
+        worker = WorkerConfig(worker_config(cfg), uri, run_id, report_name, refresher=miner.refresher if miner else None,
                               class_models=class_models(cfg), resume_from=resume_from)
         evaluates = bool(cfg.eval.data or cfg.data.eval)
         trainer = TorchTrainer(
@@ -147,6 +147,17 @@ def run_training(cfg: Config) -> dict:
         tracking.end_run(uri, run_id, status, retry_s=cfg.tracking.retry_s)
         if status != "FINISHED":
             print(f"[train] run {run_id} ended {status}", file=sys.stderr, flush=True)
+
+
+def worker_config(cfg: Config) -> Config:
+    """A copy of ``cfg`` for the training workers: local shard paths made absolute (a Ray
+    worker's working directory is not the job's)."""
+    from pipeline.config import config_from_dict, to_dict
+
+    out = config_from_dict(to_dict(cfg))
+    out.data.train, out.data.eval = absolute_spec(cfg.data.train), absolute_spec(cfg.data.eval)
+    out.data.exemplars, out.eval.data = absolute_spec(cfg.data.exemplars), absolute_spec(cfg.eval.data)
+    return out
 
 
 def best_checkpoint(result) -> tuple:

@@ -57,3 +57,13 @@ def test_eval_keys_are_validated():
         load_config(None, ["eval.every=-1"])
     with pytest.raises(ConfigError, match="data.decode_device.*scaling.use_gpu"):
         load_config(None, ["data.decode_device=cuda"])
+
+
+def test_workers_get_absolute_shard_paths(tmp_path, monkeypatch):
+    from pipeline.train.driver import worker_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.train=data/qs/train", "data.eval=data/qs/holdout", "eval.data=s3://b/val"])
+    w = worker_config(cfg)
+    assert w.data.train == str(tmp_path / "data/qs/train") and w.data.eval == str(tmp_path / "data/qs/holdout")
+    assert w.eval.data == "s3://b/val" and w.data.exemplars == "" and cfg.data.eval == "data/qs/holdout"
