@@ -241,7 +241,7 @@ def main() -> int:
     res["synthetic"] = ceilings
     # The training step's options one at a time, ResNet-50 at 224 (bf16 + channels_last above).
     variants = {"fp32": {"precision": "fp32"}, "bf16_no_channels_last": {"precision": "bf16", "channels_last": False}}
-    if not args.compile:
+    if not args.compile and not dry:  # torch.compile of even the tiny CNN costs ~20 s of CPU: not in a dry run
         variants["bf16_compile"] = {"precision": "bf16", "compile_": True}
     options = {}
     for label, kw in variants.items():

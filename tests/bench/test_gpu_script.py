@@ -34,6 +34,6 @@ def test_dry_run_measures_every_stage_on_cpu():
     assert set(res["stream"]) == {"decode_cpu", "decode_cuda"}  # data.decode_device's two paths (CPU decode here)
     for r in res["stream"].values():
         assert r["images"] > 0 and 0.0 <= r["data_wait_frac"] < 1.0
-    assert set(res["step_options"]) == {"fp32", "bf16_no_channels_last", "bf16_compile"}
+    assert set(res["step_options"]) == {"fp32", "bf16_no_channels_last"}  # + bf16_compile on a GPU
     assert all(r["images_per_s"] > 0 for r in res["step_options"].values())
     assert res["mining"]["classes"] == 20000 and res["mining"]["build_s"] > 0
