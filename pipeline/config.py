@@ -50,8 +50,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["tiny", "resnet18", "resnet34", "resnet50", "iresnet18", "iresnet50"] = "resnet18"
-    """torchvision backbone: resnet18, resnet34, resnet50; ``iresnet50`` / ``iresnet18`` (ArcFace's face trunk for 112x112 images); or ``tiny`` (a 4-layer CNN for tests)."""
+    backbone: Literal["tiny", "small", "resnet18", "resnet34", "resnet50", "iresnet18", "iresnet50"] = "resnet18"
+    """torchvision backbone: resnet18, resnet34, resnet50; ``iresnet50`` / ``iresnet18`` (ArcFace's face trunk for 112x112 images); ``small`` (a 4-conv CNN for CPU runs, ~13 M multiply-adds per 64 px image, ~1/11 of resnet18's); or ``tiny`` (~3.4 M, for tests)."""
     embedding_dim: int = 128
     """Size of the embedding the loss sees."""
     normalize: bool = False
