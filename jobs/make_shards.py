@@ -18,6 +18,11 @@ vehicleid: train_list.txt -> OUT/train; the union of the test lists -> OUT/holdo
   copied to OUT/); per-sample vehicle model and colour labels (-1 = unknown).
 lfw: every person -> OUT/holdout; pairs.txt (in ROOT or beside it) copied to OUT/pairs.txt.
 --image-size resizes at conversion (default 112 faces, 224 vehicles; 0 keeps the source size).
+Augmentation is chosen at training time (data.augment: none, flip, crop, flip_crop), not here, but
+it depends on the data written here: flip (mirror left-right) only where a mirror image shows the
+same class, e.g. faces and most vehicles (handed details such as text on them are few). Never where
+the mirror image is another class or none: text, digits, signs, handed objects, synthetic_shapes
+(its odd classes are mirror images of its even ones). The default, none, is always safe.
 Classes fill shards in a random order drawn from --seed. Every run also writes the per-sample
 index (OUT/index-<split>.json + .bin, pipeline.data.index); --reindex OUT adds it to a shard
 set written without one, reading the shards and rewriting nothing else.

@@ -40,8 +40,8 @@ class DataConfig:
     """How the planner draws a step's classes without the miner: ``uniform`` among the classes with enough unused samples, or ``proportional`` to what they have left (classes then run out together, fewer leftovers at the end of a pass)."""
     max_lead: int = 16
     """Steps the batch planner may plan ahead of the slowest rank's training: with the miner at least ``max(16, miner.refresh_every)`` (selections use embeddings about that old); without, at least 2 x ``decode_concurrency`` x 32 (``pipeline.data.stream.stream_shape``)."""
-    augment: bool = True
-    """Random horizontal flip during training."""
+    augment: Literal["none", "flip", "crop", "flip_crop"] = "none"
+    """Training augmentation: ``none``; ``flip`` (a random half of the images mirrored left-right); ``crop`` (pad-and-crop: each image moved by up to 1/8 of its side, the border repeating the edge pixels); ``flip_crop`` (both). Drawn per sample and step from ``train.seed``, so a resumed step sees the same images. Flip only where a mirror image shows the same class (faces, most vehicles, natural objects), never where it shows another class or none (text, digits, signs, handed or asymmetric objects): the default is the safe ``none``. The old booleans still load: true = ``flip``, false = ``none``."""
     epochs: int = 0
     """Passes over the training samples the planner may start; 0 = as many as ``train.steps`` needs (a run that needs more stops with an error)."""
     max_bad_fraction: float = 0.01
@@ -259,9 +259,19 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+LEGACY_VALUES: dict[str, dict[bool, str]] = {"data.augment": {True: "flip", False: "none"}}
+"""Keys that were booleans once: the value each boolean (YAML true/false/yes/no) stands for now."""
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Return ``value`` converted to ``typ`` (strings from the command line are parsed as YAML first)."""
     origin = typing.get_origin(typ)
+    if key in LEGACY_VALUES:
+        legacy = value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            legacy = yaml.safe_load(value)  # the command line's 'data.augment=true'
+        if isinstance(legacy, bool):
+            return LEGACY_VALUES[key][legacy]
     if origin is Literal:
         return _choice(key, value, typing.get_args(typ))
     if origin in (typing.Union, types.UnionType):

@@ -5,7 +5,7 @@ run's steps, then one ``map_batches`` stage (a pool of ``data.decode_concurrency
 per rank) that asks the planner actor (``pipeline.data.planner_actor``) for slice ``r`` of
 step ``s``, reads those samples' JPEG bytes by positional reads through the per-sample
 index (``pipeline.data.index``), checks and decodes them (``pipeline.data.decode``, with the
-horizontal flip when ``data.augment``). Execution keeps the range's order
+augmentation ``data.augment`` asks for: flip, crop, both or none). Execution keeps the range's order
 (``preserve_order``), so rank r's i-th row is slice r of plan ``start + i``: the ranks'
 rows of one step are exactly the planned global batch. The trainer passes the datasets
 with ``DataConfig(datasets_to_split=[])``; Ray 2.60 then gives every rank an iterator of
@@ -39,7 +39,7 @@ import time
 
 import numpy as np
 
-from pipeline.data.decode import decode_into
+from pipeline.data.decode import crop_shifts, decode_into
 from pipeline.data.reader import jpeg_problem
 from pipeline.data.report import REASONS
 
@@ -59,7 +59,7 @@ def _mix64(x):
 class FetchDecode:
     """Ray Data UDF (an actor pool per rank): steps -> that rank's decoded slice of each step's plan."""
 
-    def __init__(self, planner: str, rank: int, start_step: int, index_root: str, size: int, augment: bool,
+    def __init__(self, planner: str, rank: int, start_step: int, index_root: str, size: int, augment: str,
                  seed: int, slice_images: int, mining: bool = False, timeout_s: float = 300.0,
                  cache_dir: str = "", prefetch: int = 1, end_step: int = 0) -> None:
         import ray
@@ -123,13 +123,15 @@ class FetchDecode:
                     out.append(None)
             return out
 
-    def _flips(self, ids: np.ndarray, step: int) -> np.ndarray | None:
-        # A hash of (seed, step, sample id): the same flips when a step is redone after a
-        # resume, fresh ones when a sample comes back in a later pass.
-        if not self.augment:
-            return None
-        key = self.seed ^ _mix64(np.uint64(step))
-        return (_mix64(ids.astype(np.uint64) ^ key) >> np.uint64(63)) == 1
+    def _augment(self, ids: np.ndarray, step: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``decode_into``'s ``(flip, shift)`` for ``data.augment`` (``pipeline.data.decode.AUGMENTS``)."""
+        # A hash of (seed, step, sample id): the same flips and shifts when a step is redone after
+        # a resume, fresh ones when a sample comes back in a later pass.
+        if self.augment == "none":
+            return None, None
+        h = _mix64(ids.astype(np.uint64) ^ (self.seed ^ _mix64(np.uint64(step))))
+        flip = (h >> np.uint64(63)) == 1 if "flip" in self.augment else None
+        return flip, (crop_shifts(_mix64(h), self.size) if "crop" in self.augment else None)
 
     def _step(self, step: int, part: dict, images: np.ndarray, rand_images: np.ndarray | None) -> dict:
         """Row ``step`` from the planner's ``part``; its images are decoded into ``images`` (and the side
@@ -160,10 +162,10 @@ class FetchDecode:
             problems = ["truncated_tar" if b is None else jpeg_problem(b) for b in jpgs]
             readable = np.flatnonzero([p is None for p in problems])
             if len(readable) == len(ids) == len(todo):  # the usual case: decode straight into the output
-                decoded = decode_into(jpgs, images, self._flips(ids, step))
+                decoded = decode_into(jpgs, images, *self._augment(ids, step))
             elif len(readable):
                 buf = np.empty((len(readable), self.size, self.size, 3), dtype=np.uint8)
-                decoded = decode_into([jpgs[j] for j in readable], buf, self._flips(ids[todo[readable]], step))
+                decoded = decode_into([jpgs[j] for j in readable], buf, *self._augment(ids[todo[readable]], step))
                 images[todo[readable[decoded]]] = buf[decoded]
             if len(readable):
                 for j in readable[~decoded]:

@@ -252,6 +252,10 @@ def test_every_config_loads_and_says_what_it_is(path):
     assert path.read_text().startswith("#"), f"{path.name}: document the config at the top"
     m = cfg.model
     _builds(m.backbone, m.arch, m.head)  # the model it names exists
+    # Augmentation depends on the data (a mirror image may be another class): every config
+    # chooses it and says why, on the line that sets it.
+    line = next((ln for ln in path.read_text().splitlines() if ln.strip().startswith("augment:")), "")
+    assert "#" in line and len(line.split("#", 1)[1].strip()) > 20, f"{path.name}: set data.augment and say why"
 
 
 @functools.lru_cache(maxsize=None)
