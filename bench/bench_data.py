@@ -287,7 +287,7 @@ def stream_rate(train_dir: str, size: int, epochs: float = 4, classes_per_batch:
     steps = max(1, int(epochs * images) // (2 * classes_per_batch))
     cfg = load_config(None, [f"data.train={train_dir}", f"data.image_size={size}", "scaling.num_workers=1",
                              f"batch.classes_per_batch={classes_per_batch}", f"train.steps={steps + start_step}",
-                             f"data.decode_concurrency={decoders}"])
+                             f"data.decode_concurrency={decoders}", "data.augment=flip"])  # as its limit
     name = f"bench-planner-{time.monotonic_ns()}"
     planner = create_planner(name, os.path.dirname(train_dir), classes_per_batch, 2, 1, 0, max_lead=stream_shape(cfg)[1])
     state = None

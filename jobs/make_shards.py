@@ -5,15 +5,24 @@
     python -m jobs.make_shards --layout vehicleid --src VehicleID_V1.0 --out OUT [--image-size 224]
     python -m jobs.make_shards --layout lfw --src lfw --out OUT [--image-size 112]
     python -m jobs.make_shards --layout synthetic --num-classes 200 --images-per-class 20 --out OUT
+    python -m jobs.make_shards --layout synthetic_shapes --num-classes 600 --images-per-class 30-60 --out OUT
     python -m jobs.make_shards --reindex OUT
 
-imagefolder/synthetic: a random --holdout-fraction of identities held out (default 0.5; the
+synthetic: blobs in families of 4 look-alike classes (the quickstart's data). synthetic_shapes: textured
+  shapes in families of 4, every odd class the mirror image of the one before it (a harder, mirror-asymmetric
+  set: pipeline.data.synthetic_shapes); --images-per-class LO-HI draws each class's count in that range.
+imagefolder/synthetic*: a random --holdout-fraction of identities held out (default 0.5; the
   job says how many; --holdout-fraction 0 trains on all of them).
 webface: ROOT/<identity>/<nnn>.jpg, a random --holdout-fraction of identities held out (default 0.02).
 vehicleid: train_list.txt -> OUT/train; the union of the test lists -> OUT/holdout (the lists are
   copied to OUT/); per-sample vehicle model and colour labels (-1 = unknown).
 lfw: every person -> OUT/holdout; pairs.txt (in ROOT or beside it) copied to OUT/pairs.txt.
 --image-size resizes at conversion (default 112 faces, 224 vehicles; 0 keeps the source size).
+Augmentation is chosen at training time (data.augment: none, flip, crop, flip_crop), not here, but
+it depends on the data written here: flip (mirror left-right) only where a mirror image shows the
+same class, e.g. faces and most vehicles (handed details such as text on them are few). Never where
+the mirror image is another class or none: text, digits, signs, handed objects, synthetic_shapes
+(its odd classes are mirror images of its even ones). The default, none, is always safe.
 Classes fill shards in a random order drawn from --seed. Every run also writes the per-sample
 index (OUT/index-<split>.json + .bin, pipeline.data.index); --reindex OUT adds it to a shard
 set written without one, reading the shards and rewriting nothing else.
@@ -29,8 +38,20 @@ from pathlib import Path
 
 # Per layout: default --image-size (synthetic: side of the generated images; others: resize
 # target, 0 = keep) and default --holdout-fraction (None = the layout fixes the held-out split).
-IMAGE_SIZE = {"synthetic": 64, "imagefolder": 0, "webface": 112, "lfw": 112, "vehicleid": 224}
-HOLDOUT = {"synthetic": 0.5, "imagefolder": 0.5, "webface": 0.02, "lfw": None, "vehicleid": None}
+IMAGE_SIZE = {"synthetic": 64, "synthetic_shapes": 64, "imagefolder": 0, "webface": 112, "lfw": 112, "vehicleid": 224}
+HOLDOUT = {"synthetic": 0.5, "synthetic_shapes": 0.5, "imagefolder": 0.5, "webface": 0.02, "lfw": None, "vehicleid": None}
+
+
+def _count_range(text: str) -> tuple[int, int]:
+    """``N`` -> (N, N); ``LO-HI`` -> (LO, HI). Raises ArgumentTypeError (argparse names the option)."""
+    try:
+        lo, _, hi = text.partition("-")
+        out = (int(lo), int(hi or lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LO-HI (e.g. 20 or 30-60), got {text!r}") from None
+    if not 1 <= out[0] <= out[1]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,8 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=1000, help="max images per shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="parallel shard writers (0 = number of cores)")
-    p.add_argument("--num-classes", type=int, default=200, help="synthetic: identities")
-    p.add_argument("--images-per-class", type=int, default=20, help="synthetic: images per identity")
+    p.add_argument("--num-classes", type=int, default=None, help="synthetic: identities (default 200; synthetic_shapes 600)")
+    p.add_argument("--images-per-class", type=_count_range, default=None, metavar="N|LO-HI",
+                   help="synthetic: images per identity (default 20); synthetic_shapes: N or a range LO-HI drawn "
+                        "per class (default 30-60)")
     p.add_argument("--image-size", type=int, default=None,
                    help="synthetic: image side (default 64); others: resize to this square side at conversion "
                         "(default webface/lfw 112, vehicleid 224, imagefolder 0 = keep)")
@@ -59,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.reindex is None and (args.layout is None or args.out is None):
         p.error("--layout and --out are required (or --reindex OUT for an existing shard set)")
+    shapes = args.layout == "synthetic_shapes"
+    if args.num_classes is None:
+        args.num_classes = 600 if shapes else 200
+    if args.images_per_class is None:
+        args.images_per_class = (30, 60) if shapes else (20, 20)
+    if args.layout == "synthetic" and args.images_per_class[0] != args.images_per_class[1]:
+        p.error("--images-per-class LO-HI is for --layout synthetic_shapes; --layout synthetic takes one N")
     return args
 
 
@@ -110,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         if HOLDOUT[args.layout] is None and args.holdout_fraction is not None:
             raise LayoutError(f"--holdout-fraction does not apply to --layout {args.layout}: its held-out split is fixed")
         if args.layout == "synthetic":
-            scan = Scan(synthetic_classes(args.num_classes, args.images_per_class, size, args.seed))
+            scan = Scan(synthetic_classes(args.num_classes, args.images_per_class[0], size, args.seed))
+        elif args.layout == "synthetic_shapes":
+            from pipeline.data.synthetic_shapes import synthetic_shape_classes
+
+            scan = Scan(synthetic_shape_classes(args.num_classes, args.images_per_class, size, args.seed))
         elif not args.src:
             raise LayoutError(f"--src is required for --layout {args.layout}")
         elif args.layout == "imagefolder":

@@ -42,8 +42,8 @@ class DataConfig:
     """Steps the batch planner may plan ahead of the slowest rank's training: with the miner at least ``max(16, miner.refresh_every)`` (selections use embeddings about that old); without, at least 2 x ``decode_concurrency`` x 32 (``pipeline.data.stream.stream_shape``)."""
     decode_device: Literal["cpu", "cuda"] = "cpu"
     """Where training images are decoded: ``cpu`` (the stream's fetch actors decode and flip, rows carry pixels) or ``cuda`` (rows carry the JPEG bytes; each training process decodes its batch on its own GPU with ``torchvision.io.decode_jpeg`` and flips there; needs ``scaling.use_gpu``)."""
-    augment: bool = True
-    """Random horizontal flip during training."""
+    augment: Literal["none", "flip", "crop", "flip_crop"] = "none"
+    """Training augmentation: ``none``; ``flip`` (a random half of the images mirrored left-right); ``crop`` (pad-and-crop: each image moved by up to 1/8 of its side, the border repeating the edge pixels); ``flip_crop`` (both). Drawn per sample and step from ``train.seed``, so a resumed step sees the same images. Flip only where a mirror image shows the same class (faces, most vehicles, natural objects), never where it shows another class or none (text, digits, signs, handed or asymmetric objects): the default is the safe ``none``. The old booleans still load: true = ``flip``, false = ``none``."""
     epochs: int = 0
     """Passes over the training samples the planner may start; 0 = as many as ``train.steps`` needs (a run that needs more stops with an error)."""
     max_bad_fraction: float = 0.01
@@ -52,8 +52,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["tiny", "resnet18", "resnet34", "resnet50", "iresnet18", "iresnet50"] = "resnet18"
-    """torchvision backbone: resnet18, resnet34, resnet50; ``iresnet50`` / ``iresnet18`` (ArcFace's face trunk for 112x112 images); or ``tiny`` (a 4-layer CNN for tests)."""
+    backbone: Literal["tiny", "small", "resnet18", "resnet34", "resnet50", "iresnet18", "iresnet50"] = "resnet18"
+    """torchvision backbone: resnet18, resnet34, resnet50; ``iresnet50`` / ``iresnet18`` (ArcFace's face trunk for 112x112 images); ``small`` (a 4-conv CNN for CPU runs, ~13 M multiply-adds per 64 px image, ~1/11 of resnet18's); or ``tiny`` (~3.4 M, for tests)."""
     embedding_dim: int = 128
     """Size of the embedding the loss sees."""
     normalize: bool = False
@@ -283,9 +283,19 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+LEGACY_VALUES: dict[str, dict[bool, str]] = {"data.augment": {True: "flip", False: "none"}}
+"""Keys that were booleans once: the value each boolean (YAML true/false/yes/no) stands for now."""
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Return ``value`` converted to ``typ`` (strings from the command line are parsed as YAML first)."""
     origin = typing.get_origin(typ)
+    if key in LEGACY_VALUES:
+        legacy = value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            legacy = yaml.safe_load(value)  # the command line's 'data.augment=true'
+        if isinstance(legacy, bool):
+            return LEGACY_VALUES[key][legacy]
     if origin is Literal:
         return _choice(key, value, typing.get_args(typ))
     if origin in (typing.Union, types.UnionType):

@@ -220,3 +220,24 @@ def test_train_job_rejects_bad_key_before_ray(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "bad.key" in r.stderr
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("augment: true", "flip"), ("augment: false", "none"), ("augment: yes", "flip"),
+    ("augment: flip", "flip"), ("augment: none", "none"), ("augment: crop", "crop"), ("augment: flip_crop", "flip_crop"),
+])
+def test_augment_names_and_the_old_booleans(tmp_path, text, expected):
+    """data.augment was a bool (true = flip): old files and overrides still load, as the named value."""
+    assert load_config(_yaml(tmp_path, f"data:\n  {text}\n")).data.augment == expected
+    value = text.split(": ")[1]
+    assert load_config(None, [f"data.augment={value}"]).data.augment == expected
+    assert load_config().data.augment == "none"  # the default is the one that is never wrong
+
+
+def test_bad_augment_names_the_key_the_choices_and_the_nearest(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.augment=flips"])
+    assert str(e.value) == ("config key 'data.augment' must be one of none, flip, crop, flip_crop, got 'flips'; "
+                            "did you mean 'flip'?")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: config key 'data.augment' must be one of"):
+        load_config(_yaml(tmp_path, "data:\n  augment: 2\n"))

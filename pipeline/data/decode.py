@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import numpy as np
 
+CROP_FRACTION = 8
+"""``data.augment: crop`` moves an image by up to 1/CROP_FRACTION of its side in each direction
+(8 px at 64 px): CIFAR's pad-4-and-crop at 32 px."""
 
-def decode_into(jpgs, out: np.ndarray, flip=None) -> np.ndarray:
+
+def crop_shifts(h: np.ndarray, size: int) -> np.ndarray:
+    """(B, 2) int shifts (dy, dx) in [-size/8, size/8] for ``decode_into``, from uint64 hashes ``h`` (one per image)."""
+    m = np.uint64(size // CROP_FRACTION)
+    span = np.uint64(2) * m + np.uint64(1)
+    dy = (h >> np.uint64(32)) % span
+    dx = (h & np.uint64(0xFFFFFFFF)) % span
+    return np.stack([dy, dx], axis=1).astype(np.int64) - int(m)
+
+
+def decode_into(jpgs, out: np.ndarray, flip=None, shift=None) -> np.ndarray:
     """Decode JPEG bytes into ``out`` (``(B, size, size, 3)`` uint8, written in place),
-    resizing when needed and mirroring image i left-right when ``flip[i]``.
+    resizing when needed, mirroring image i left-right when ``flip[i]`` and moving it by
+    ``shift[i]`` = (dy, dx) pixels (``shift``: (B, 2) ints; the uncovered border repeats the
+    edge pixels: a pad-and-crop).
 
     Returns a boolean mask of the inputs that decoded; ``out[i]`` is left as it was for the others.
-    The flip rides on the HWC copy that is needed anyway, so it costs nothing extra.
+    The flip rides on the HWC copy that is needed anyway, so it costs nothing extra; a shift
+    makes that copy a gather (rows and columns by index).
     """
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -38,7 +54,13 @@ def decode_into(jpgs, out: np.ndarray, flip=None) -> np.ndarray:
         if img.shape[1] != size or img.shape[2] != size:
             img = resize(img, [size, size], antialias=True)
         hwc = img.permute(1, 2, 0).numpy()
-        out[i] = hwc[:, ::-1] if flip is not None and flip[i] else hwc
+        mirror = flip is not None and flip[i]
+        if shift is not None and (shift[i][0] or shift[i][1]):
+            rows = np.clip(np.arange(size) - shift[i][0], 0, size - 1)
+            cols = np.clip(np.arange(size) - shift[i][1], 0, size - 1)
+            out[i] = hwc[rows][:, cols[::-1] if mirror else cols]
+        else:
+            out[i] = hwc[:, ::-1] if mirror else hwc
         ok[i] = True
     return ok
 
@@ -67,9 +89,10 @@ def pack_jpegs(jpgs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     return buf, offsets
 
 
-def decode_batch(buf, offsets, flips, size: int, device) -> tuple:
+def decode_batch(buf, offsets, flips, size: int, device, shifts=None) -> tuple:
     """Decode a packed slice (:func:`pack_jpegs`) on ``device``: ``(images (B, size, size, 3) uint8 on
-    device, ok (B,) bool)``, image i mirrored left-right when ``flips[i]``.
+    device, ok (B,) bool)``, image i mirrored left-right when ``flips[i]`` and moved by ``shifts[i]``
+    (the augmentation of :func:`decode_into`, the same pixels).
 
     One ``torchvision.io.decode_jpeg`` call for the list (batched nvJPEG on a CUDA device;
     libjpeg-turbo on the CPU, the decode of :func:`decode_into`), then resizing when needed and
@@ -84,6 +107,8 @@ def decode_batch(buf, offsets, flips, size: int, device) -> tuple:
     buf = torch.as_tensor(buf).reshape(-1).cpu()
     offsets = [int(o) for o in torch.as_tensor(offsets).reshape(-1)]
     flips = torch.as_tensor(flips).reshape(-1).cpu().tolist() if flips is not None else None
+    shifts = torch.as_tensor(shifts).reshape(-1, 2).cpu().tolist() if shifts is not None else None
+    grid = torch.arange(size, device=device)
     parts = [buf[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
     out = torch.zeros((len(parts), size, size, 3), dtype=torch.uint8, device=device)
     ok = torch.zeros(len(parts), dtype=torch.bool)
@@ -101,7 +126,12 @@ def decode_batch(buf, offsets, flips, size: int, device) -> tuple:
             continue
         if img.shape[1] != size or img.shape[2] != size:
             img = resize(img, [size, size], antialias=True)
-        if flips is not None and flips[i]:
+        mirror = flips is not None and flips[i]
+        if shifts is not None and (shifts[i][0] or shifts[i][1]):
+            rows = (grid - shifts[i][0]).clamp(0, size - 1)
+            cols = (grid - shifts[i][1]).clamp(0, size - 1)
+            img = img[:, rows][:, :, cols.flip(0) if mirror else cols]
+        elif mirror:
             img = img.flip(-1)
         out[i] = img.permute(1, 2, 0)
         ok[i] = True

@@ -5,7 +5,7 @@ run's steps, then one ``map_batches`` stage (a pool of ``data.decode_concurrency
 per rank) that asks the planner actor (``pipeline.data.planner_actor``) for slice ``r`` of
 step ``s``, reads those samples' JPEG bytes by positional reads through the per-sample
 index (``pipeline.data.index``), checks and decodes them (``pipeline.data.decode``, with the
-horizontal flip when ``data.augment``). Execution keeps the range's order
+augmentation ``data.augment`` asks for: flip, crop, both or none). Execution keeps the range's order
 (``preserve_order``), so rank r's i-th row is slice r of plan ``start + i``: the ranks'
 rows of one step are exactly the planned global batch. The trainer passes the datasets
 with ``DataConfig(datasets_to_split=[])``; Ray 2.60 then gives every rank an iterator of
@@ -17,7 +17,8 @@ process hop and a copy of the bytes through the object store for ~2% of the work
 
 Row columns (one row per step): ``images`` (B, H, W, 3) uint8 (with ``data.decode_device:
 cuda`` instead ``jpeg``, the slice's JPEG bytes packed in one ragged uint8 column, with
-``jpeg_offsets`` (B + 1,) int64 and ``flips`` (B,) bool: the training process decodes them on
+``jpeg_offsets`` (B + 1,) int64, ``flips`` (B,) bool and ``shifts`` (B, 2) int64, the
+augmentation to apply: the training process decodes them on
 its GPU; a row is then ~5-10x smaller than its pixels), ``labels`` (B,) int64,
 ``sample_ids`` (B,) int64 (rows of the index; -1 for a slot filled with a copy of a
 classmate because its class had no unused sample left), ``step`` and ``pass`` (the planner's pass of the step's samples) int64, ``skip`` bool
@@ -42,7 +43,7 @@ import time
 
 import numpy as np
 
-from pipeline.data.decode import decode_into, pack_jpegs
+from pipeline.data.decode import crop_shifts, decode_into, pack_jpegs
 from pipeline.data.reader import jpeg_problem
 from pipeline.data.report import REASONS
 
@@ -62,7 +63,7 @@ def _mix64(x):
 class FetchDecode:
     """Ray Data UDF (an actor pool per rank): steps -> that rank's decoded slice of each step's plan."""
 
-    def __init__(self, planner: str, rank: int, start_step: int, index_root: str, size: int, augment: bool,
+    def __init__(self, planner: str, rank: int, start_step: int, index_root: str, size: int, augment: str,
                  seed: int, slice_images: int, mining: bool = False, timeout_s: float = 300.0,
                  cache_dir: str = "", prefetch: int = 1, end_step: int = 0, raw: bool = False) -> None:
         import ray
@@ -127,13 +128,15 @@ class FetchDecode:
                     out.append(None)
             return out
 
-    def _flips(self, ids: np.ndarray, step: int) -> np.ndarray | None:
-        # A hash of (seed, step, sample id): the same flips when a step is redone after a
-        # resume, fresh ones when a sample comes back in a later pass.
-        if not self.augment:
-            return None
-        key = self.seed ^ _mix64(np.uint64(step))
-        return (_mix64(ids.astype(np.uint64) ^ key) >> np.uint64(63)) == 1
+    def _augment(self, ids: np.ndarray, step: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``decode_into``'s ``(flip, shift)`` for ``data.augment`` (``pipeline.data.decode.AUGMENTS``)."""
+        # A hash of (seed, step, sample id): the same flips and shifts when a step is redone after
+        # a resume, fresh ones when a sample comes back in a later pass.
+        if self.augment == "none":
+            return None, None
+        h = _mix64(ids.astype(np.uint64) ^ (self.seed ^ _mix64(np.uint64(step))))
+        flip = (h >> np.uint64(63)) == 1 if "flip" in self.augment else None
+        return flip, (crop_shifts(_mix64(h), self.size) if "crop" in self.augment else None)
 
     def _step(self, step: int, part: dict, images: np.ndarray, rand_images: np.ndarray | None) -> dict:
         """Row ``step`` from the planner's ``part``; its images are decoded into ``images`` (and the side
@@ -168,10 +171,10 @@ class FetchDecode:
                 for j in readable:
                     images[todo[j]] = jpgs[j]
             elif len(readable) == len(ids) == len(todo):  # the usual case: decode straight into the output
-                decoded = decode_into(jpgs, images, self._flips(ids, step))
+                decoded = decode_into(jpgs, images, *self._augment(ids, step))
             elif len(readable):
                 buf = np.empty((len(readable), self.size, self.size, 3), dtype=np.uint8)
-                decoded = decode_into([jpgs[j] for j in readable], buf, self._flips(ids[todo[readable]], step))
+                decoded = decode_into([jpgs[j] for j in readable], buf, *self._augment(ids[todo[readable]], step))
                 images[todo[readable[decoded]]] = buf[decoded]
             if len(readable) and not self.raw:
                 for j in readable[~decoded]:
@@ -190,10 +193,12 @@ class FetchDecode:
                 break
         _copy_classmates(images, labels, ids)
         out = {"labels": labels, "sample_ids": ids, "bad": bad}
-        if self.raw:
-            flips = self._flips(np.maximum(ids, 0), step)
-            out["flips"] = np.zeros(len(ids), dtype=bool) if flips is None else flips
+        if self.raw:  # the trainer augments as it decodes (decode_batch): the same pixels as decode_into's
+            flip, shift = self._augment(np.maximum(ids, 0), step)
+            out["flips"] = np.zeros(len(ids), dtype=bool) if flip is None else flip
+            out["shifts"] = np.zeros((len(ids), 2), dtype=np.int64) if shift is None else shift
             _copy_classmates(out["flips"], labels, ids)
+            _copy_classmates(out["shifts"], labels, ids)
         return out
 
     def __call__(self, batch: dict) -> dict:
@@ -214,7 +219,7 @@ class FetchDecode:
         empty = {"labels": np.full(b, -1, np.int64), "sample_ids": np.full(b, -1, np.int64),
                  "bad": np.zeros(len(REASONS), np.int64), "pass": -1}
         if self.raw:
-            empty["flips"] = np.zeros(b, dtype=bool)
+            empty["flips"], empty["shifts"] = np.zeros(b, dtype=bool), np.zeros((b, 2), dtype=np.int64)
         if self.mining:  # fixed-shape columns on every row, so Ray Data keeps tensor columns
             empty.update(rand_labels=empty["labels"], has_rand=False, select_ms=0.0, miner_version=-1, fallbacks=0)
         rows = [self._step(step, self._slice(step), out["images"][i], out["rand_images"][i] if self.mining else None)

@@ -11,7 +11,7 @@ from torch import nn
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
-BACKBONES = ("tiny", "resnet18", "resnet34", "resnet50", "iresnet18", "iresnet50")
+BACKBONES = ("tiny", "small", "resnet18", "resnet34", "resnet50", "iresnet18", "iresnet50")
 HEADS = ("linear", "linear_bn")
 NORMS = ("batch", "group")
 
@@ -26,13 +26,31 @@ def _tiny() -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), c_in
 
 
+def _small() -> tuple[nn.Module, int]:
+    """A 4-conv CNN for CPU runs: ~13 M multiply-adds per 64x64 image (``tiny``: ~3.4 M, ``resnet18``: ~148 M).
+
+    conv 5x5/2 32 + maxpool, conv 3x3 64 + maxpool, conv 3x3/2 128, conv 3x3 256, global
+    average pool: the cost of the small CNN a plain PyTorch loop would use as a baseline
+    (issue 17's peer), so a CPU quickstart compares like with like. The 256-channel layer runs
+    at 4x4 for 64 px inputs; at 8x8 (no stride on the 128 layer) it alone would cost 19 M.
+    ``tests/models/test_models.py`` counts the multiply-adds.
+    """
+    def block(c_in: int, c_out: int, k: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True)]
+
+    layers = [*block(3, 32, 5, 2), nn.MaxPool2d(2), *block(32, 64, 3, 1), nn.MaxPool2d(2),
+              *block(64, 128, 3, 2), *block(128, 256, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers), 256
+
+
 def build_backbone(name: str, weights: str = "", norm: str = "batch") -> tuple[nn.Module, int]:
     """Return ``(trunk, feature_dim)`` for a backbone name; ``weights`` is an optional local file.
 
     ``norm``: ``batch`` keeps the published BatchNorm2d layers, ``group`` replaces them by
     GroupNorm (:func:`to_group_norm`) before the weights are loaded.
 
-    Names: ``tiny``, torchvision ``resnet18``/``34``/``50`` (global-pooled features) and
+    Names: ``tiny`` (tests), ``small`` (CPU runs, ~13 M multiply-adds at 64 px), torchvision ``resnet18``/``34``/``50`` (global-pooled features) and
     ``iresnet18``/``50`` (ArcFace's face trunk for 112x112, flattened 512x7x7 features).
     Raises ValueError for an unknown name or weights matching no parameter, and
     FileNotFoundError for a missing weights file. Nothing is downloaded: backbones start
@@ -42,6 +60,8 @@ def build_backbone(name: str, weights: str = "", norm: str = "batch") -> tuple[n
 
     if name == "tiny":
         trunk, dim = _tiny()
+    elif name == "small":
+        trunk, dim = _small()
     elif name in ("resnet18", "resnet34", "resnet50"):
         trunk = getattr(torchvision.models, name)(weights=None)
         dim = trunk.fc.in_features

@@ -149,7 +149,8 @@ def step_images(batch: dict, size: int, device: torch.device, labels: torch.Tens
         return batch["images"][0].to(device, non_blocking=True)
     from pipeline.data.decode import decode_batch
 
-    images, ok = decode_batch(batch["jpeg"][0], batch["jpeg_offsets"][0], batch["flips"][0], size, device)
+    images, ok = decode_batch(batch["jpeg"][0], batch["jpeg_offsets"][0], batch["flips"][0], size, device,
+                              batch["shifts"][0] if "shifts" in batch else None)
     if not bool(ok.all()):
         ids = batch["sample_ids"][0]
         good = ok.to(labels.device)

@@ -232,7 +232,7 @@ def test_rows_of_jpeg_bytes_decode_in_the_trainer_to_the_same_pixels(ray_local, 
 
     ray = ray_local
     steps = 6
-    cfg = _cfg(tiny_shards / "train", steps, workers=1)
+    cfg = _cfg(tiny_shards / "train", steps, workers=1, extra=["data.augment=flip_crop"])
     datasets, actors = {}, []
     for raw in (False, True):  # two planners with the same seed: the same plans; both streams at once
         name, actor = _planner(tiny_shards, cfg)
@@ -243,17 +243,18 @@ def test_rows_of_jpeg_bytes_decode_in_the_trainer_to_the_same_pixels(ray_local, 
     rows = {False: got[0], True: got[1]}
     for actor in actors:
         ray.kill(actor)
-    assert cfg.data.augment  # flips on: some images of the rows are mirrored
-    flipped = 0
+    flipped = shifted = 0  # flip_crop: some images of the rows are mirrored, most are moved
     for pix, jpg in zip(rows[False], rows[True]):
         assert "images" not in jpg and jpg["jpeg"].dtype == np.uint8 and jpg["jpeg_offsets"].shape == (N * M + 1,)
         assert jpg["jpeg"].size == jpg["jpeg_offsets"][-1] < pix["images"].size / 3  # far smaller than pixels
         np.testing.assert_array_equal(jpg["sample_ids"], pix["sample_ids"])
-        images, ok = decode_batch(torch.from_numpy(jpg["jpeg"]), jpg["jpeg_offsets"], jpg["flips"], 32, "cpu")
+        images, ok = decode_batch(torch.from_numpy(jpg["jpeg"]), jpg["jpeg_offsets"], jpg["flips"], 32, "cpu",
+                                  jpg["shifts"])
         assert bool(ok.all())
         np.testing.assert_array_equal(images.numpy(), pix["images"])
         flipped += int(jpg["flips"].sum())
-    assert 0 < flipped < steps * N * M
+        shifted += int(jpg["shifts"].any(axis=1).sum())
+    assert 0 < flipped < steps * N * M and shifted > steps * N * M // 2
 
 
 def test_an_image_that_fails_the_trainers_decode_is_replaced_by_a_classmate_and_counted(ray_local, tiny_shards):

@@ -74,7 +74,7 @@ def test_fresh_venv_with_the_readme_install_line(tmp_path):
         assert (venv / "bin" / script).is_file(), script
     cfg = subprocess.run([str(venv / "bin/dml-train"), "--config", "quickstart", "--print-config"], cwd=away,
                          capture_output=True, text=True, timeout=120)
-    assert cfg.returncode == 0 and "backbone: tiny" in cfg.stdout, cfg.stderr[-2000:]
+    assert cfg.returncode == 0 and "backbone: small" in cfg.stdout, cfg.stderr[-2000:]
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(uri)

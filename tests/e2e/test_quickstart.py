@@ -55,7 +55,7 @@ def test_train_reports_metrics_and_tracks_the_run(trained):
     ckpt = client.download_artifacts(out["run_id"], "checkpoint/model.pt", str(work))
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["step"] == out["metrics"]["best_step"] and state["run_id"] == out["run_id"]
-    assert state["model"]["head.weight"].shape == (64, 64)
+    assert state["model"]["head.weight"].shape == (64, 256)  # embedding 64 x the small backbone's 256 features
 
 
 def test_evaluations_during_training_pick_the_best_checkpoint(trained):

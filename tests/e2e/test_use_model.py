@@ -185,7 +185,7 @@ def test_the_finished_run_shows_what_mlflow_users_look_for(trained):
     assert len(commit) == 40 and int(commit, 16) >= 0 and commit.startswith(tags["git_commit"])
     assert tags["mlflow.source.name"] and tags["mlflow.source.type"] == "LOCAL"
     note = tags["mlflow.note.content"]
-    assert "tiny" in note and "npair_mc" in note and "N=4 classes x M=2" in note and "mining off" in note
+    assert "small" in note and "npair_mc" in note and "N=4 classes x M=2" in note and "mining off" in note
     assert "2 CPU workers" in note
 
     system = [k for k in metrics if k.startswith("system/")]

@@ -32,6 +32,31 @@ def test_synthetic_writes_train_holdout_manifest(tmp_path, capsys):
     assert summary == {"out": str(out), "splits": manifest["splits"], "problems": 0}
 
 
+def test_synthetic_shapes_layout_with_a_count_range(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    rc = main(["--layout", "synthetic_shapes", "--num-classes", "8", "--images-per-class", "2-5", "--image-size", "16",
+               "--shard-size", "50", "--workers", "1", "--out", str(out)])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layout"] == "synthetic_shapes" and manifest["problems"] == []
+    counts = [c["count"] for c in manifest["classes"]]
+    assert len(counts) == 8 and all(2 <= n <= 5 for n in counts)
+    assert manifest["splits"]["train"]["classes"] == manifest["splits"]["holdout"]["classes"] == 4
+    assert sorted(c["name"] for c in manifest["classes"]) == [f"s{i:05d}" for i in range(8)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layout", "synthetic", "--images-per-class", "2-5"], "--images-per-class LO-HI is for --layout synthetic_shapes"),
+    (["--layout", "synthetic_shapes", "--images-per-class", "5-2"], "1 <= LO <= HI"),
+    (["--layout", "synthetic_shapes", "--images-per-class", "many"], "expected N or LO-HI"),
+])
+def test_bad_images_per_class_is_a_usage_error_naming_it(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "--images-per-class" in err
+
+
 def test_imagefolder_missing_src_exits_2(tmp_path, capsys):
     missing = tmp_path / "no_such_dataset"
     assert main(["--layout", "imagefolder", "--src", str(missing), "--out", str(tmp_path / "o")]) == 2

@@ -67,7 +67,28 @@ def test_unknown_names_raise():
         load_config(None, ["model.norm=layer"])
 
 
-@pytest.mark.parametrize("backbone", ["tiny", "resnet18", "iresnet18"])
+def _macs(trunk: nn.Module, size: int) -> float:
+    """Multiply-adds of one forward pass on a (1, 3, size, size) image (torch's FLOP counter / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        trunk.eval()(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 2
+
+
+def test_small_backbone_costs_what_the_peer_cnn_costs():
+    """``small``: 10-15 M multiply-adds per 64 px image (issue 17's peer CNN: ~13 M), 256-d features."""
+    trunk, dim = build_backbone("small")
+    # By hand: 32x32x32x(5x5x3) + 16x16x64x(3x3x32) + 4x4x128x(3x3x64) + 4x4x256x(3x3x128) convs,
+    # plus the pools (the counter counts convolutions and matmuls only).
+    by_hand = 32 * 32 * 32 * 75 + 16 * 16 * 64 * 288 + 4 * 4 * 128 * 576 + 4 * 4 * 256 * 1152
+    assert _macs(trunk, 64) == by_hand == 13_074_432
+    assert 3 * _macs(build_backbone("tiny")[0], 64) < by_hand < _macs(build_backbone("resnet18")[0], 64) / 10
+    assert dim == 256 and trunk(torch.zeros(2, 3, 64, 64)).shape == (2, 256)
+    assert trunk(torch.zeros(2, 3, 32, 32)).shape == (2, 256)  # the tests' 32 px images still fit
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "small", "resnet18", "iresnet18"])
 def test_group_norm_replaces_every_batchnorm2d(backbone):
     bn_trunk, _ = build_backbone(backbone)
     gn_trunk, _ = build_backbone(backbone, norm="group")
@@ -231,6 +252,10 @@ def test_every_config_loads_and_says_what_it_is(path):
     assert path.read_text().startswith("#"), f"{path.name}: document the config at the top"
     m = cfg.model
     _builds(m.backbone, m.arch, m.head)  # the model it names exists
+    # Augmentation depends on the data (a mirror image may be another class): every config
+    # chooses it and says why, on the line that sets it.
+    line = next((ln for ln in path.read_text().splitlines() if ln.strip().startswith("augment:")), "")
+    assert "#" in line and len(line.split("#", 1)[1].strip()) > 20, f"{path.name}: set data.augment and say why"
 
 
 @functools.lru_cache(maxsize=None)
