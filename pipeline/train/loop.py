@@ -133,7 +133,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point.
 
     ``loop_config`` holds ``cfg`` (the config as a dict), ``tracking_uri``, ``run_id``,
-    ``miner`` (None, or ``{"refresher": actor name}`` when mining is on), ``class_models``,
+    ``miner`` (None, or ``{"refresher": actor name}`` when rank 0 drives the refresher actor), ``class_models``,
     ``planner`` (the name of the batch planner actor) and ``resume_from`` (a checkpoint
     path to start from when Ray Train has none, or None).
     """
@@ -197,6 +197,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         from pipeline.mining.refresh import AsyncRefresh
 
         refresher = AsyncRefresh(loop_config["miner"]["refresher"])
+    from pipeline.mining.trainer_side import TrainerMining
+
+    mining = TrainerMining(cfg, loop_config["run_id"], rank, world)  # EMA pushes / trainer-side exemplar refreshes
 
     objective = MetricObjective(loss_fn)
     if loop_config.get("class_models"):
@@ -234,6 +237,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # handles a quarter of the calls (~2 ms of its CPU each).
         if step % done_every == 0 or step == cfg.train.steps:
             planner_handle.done.remote(step - 1, rank)
+        mining.after_step(step, emb, labels, _unwrap(model), batch, metrics_out)
         n_steps += 1
         if ledger is not None:
             ids = batch["sample_ids"][0].cpu().numpy().astype(np.int64)
