@@ -41,16 +41,18 @@ class MinedSelector:
     """A :class:`pipeline.data.planner.Selector` backed by the miner actor ``miner``.
 
     ``images_per_class``: M, the planner's bar for an active class (``remaining >= M``).
+    ``client``: what answers ``neighbours`` and ``select`` (default: a ``MinerClient`` of the
+    actor ``miner``; ``bench/bench_mining.py`` passes one over an in-process index).
     """
 
     def __init__(self, labels: np.ndarray, miner: str, pool_classes: int, timeout_s: float = 2.0,
-                 candidates: str = "random", images_per_class: int = 2) -> None:
+                 candidates: str = "random", images_per_class: int = 2, client=None) -> None:
         if candidates not in ("random", "knn"):
             raise ValueError(f"miner.candidates must be 'random' or 'knn', got {candidates!r}")
         self.labels = np.asarray(labels, dtype=np.int64)
         self._order = np.argsort(self.labels, kind="stable")
         self._sorted = self.labels[self._order]
-        self.client = MinerClient(miner, timeout_s=timeout_s)
+        self.client = client if client is not None else MinerClient(miner, timeout_s=timeout_s)
         self.pool_classes = int(pool_classes)
         self.candidates = candidates
         self.images_per_class = int(images_per_class)
