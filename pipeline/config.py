@@ -104,6 +104,8 @@ class MinerConfig:
     """Where class embeddings come from: ``exemplars`` (Sohn: embed ``exemplars_per_class`` images per class with recent weights every ``refresh_every`` steps) or ``ema`` (each rank pushes the per-class means of the embeddings it just trained, every ``push_every`` steps, without waiting; the miner keeps an EMA per class: no extra forward pass, scales to millions of classes, but a class's embedding is only as fresh as its last batch)."""
     refresh_by: Literal["auto", "refresher", "trainers"] = "auto"
     """Who embeds the exemplars (``source: exemplars``): ``refresher`` (an actor running Ray Data tasks; with ``scaling.use_gpu`` each asks a GPU, which never frees up while training holds every GPU), ``trainers`` (each training worker embeds 1/W of them under no_grad every ``refresh_every`` steps and pushes them: works on a full GPU cluster) or ``auto`` (``trainers`` with ``scaling.use_gpu``, else ``refresher``)."""
+    refresh_classes: int = 0
+    """Classes whose exemplars one trainer-side refresh embeds (``refresh_by: trainers``), a rolling window over all classes, split across the ranks; 0 = every class at every refresh. Bounds a refresh's cost at many classes (WebFace42M: 4M exemplars) to what it refreshes; a class's embedding is then refreshed every classes / refresh_classes refreshes."""
     ema_momentum: float = 0.5
     """``source: ema``: weight of a class's old embedding in each update, in [0, 1) (0 = the latest batch's mean only)."""
     push_every: int = 10
@@ -249,6 +251,7 @@ class Config:
             ("miner.pool_classes", self.miner.pool_classes >= 1, "must be >= 1"),
             ("miner.ema_momentum", 0.0 <= self.miner.ema_momentum < 1.0, "must be in [0, 1)"),
             ("miner.push_every", self.miner.push_every >= 1, "must be >= 1"),
+            ("miner.refresh_classes", self.miner.refresh_classes >= 0, "must be >= 0 (0 = every class)"),
             ("miner.num_gpus", 0.0 <= self.miner.num_gpus <= 1.0, "must be in [0, 1] (a share of one GPU)"),
             ("train.precision", self.train.precision != "fp16" or self.scaling.use_gpu,
              "fp16 needs scaling.use_gpu=true (on a CPU use bf16 or fp32)"),

@@ -16,7 +16,9 @@ depends on the config (nothing when ``miner.enabled`` is off):
   (``MinerActor.merge``, momentum 0). This needs no GPU besides the trainer's own, so it
   is never skipped for lack of resources, where the ``Refresher`` actor's Ray Data tasks
   wait forever for a GPU that a trainer holds. It is synchronous: its cost is on the
-  training path (``mine/refresh_s``), 1/W of the exemplars per rank and refresh.
+  training path (``mine/refresh_s``), 1/W of the exemplars per rank and refresh, or with
+  ``miner.refresh_classes`` > 0 only that many classes' (a rolling window), so a refresh
+  costs what it refreshes, not every class every time.
 * With the ``refresher`` actor (``refresh_by: refresher``) rank 0's ``AsyncRefresh`` in the
   loop does the work and this class only logs the age metrics.
 
@@ -122,7 +124,7 @@ class TrainerMining:
         self.miner = miner_name(run_id)
         m = cfg.miner
         self.refresh_every, self.push_every, self.momentum = m.refresh_every, m.push_every, m.ema_momentum
-        self.per_class = m.exemplars_per_class
+        self.per_class, self.refresh_classes, self._cursor = m.exemplars_per_class, m.refresh_classes, 0
         self.image_size = cfg.data.image_size or 64
         self.exemplars = exemplars
         if self.mode == "exemplars" and not exemplars:
@@ -219,11 +221,22 @@ class TrainerMining:
         self.refreshes += 1
         if not jpgs:
             return  # more ranks than exemplar classes: nothing for this one
+        if self.refresh_classes:
+            jpgs, labels = self._window(jpgs, labels)
         images, ok = decode_images(jpgs, self.image_size)
         emb = embed_in_eval_mode(module, images, device)
         ids, means = class_means(emb, labels[ok])
         keep = np.linalg.norm(means, axis=1) > 0
         self._send(ids[keep], means[keep], step, 0.0)
+
+    def _window(self, jpgs: list[bytes], labels: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        """The exemplars of this refresh's classes: the next ceil(refresh_classes / W) of this rank's, cyclically."""
+        classes = np.unique(labels)
+        take = min(len(classes), -(-self.refresh_classes // self.world))
+        picked = classes[(self._cursor + np.arange(take)) % len(classes)]
+        self._cursor = (self._cursor + take) % len(classes)
+        keep = np.flatnonzero(np.isin(labels, picked))
+        return [jpgs[i] for i in keep], labels[keep]
 
     # -- talking to the miner ------------------------------------------------------------
 

@@ -183,3 +183,25 @@ def test_two_workers_keep_the_miner_fresh_with_every_gpu_held(ray_local, tiny_sh
     # The planner never waited: only the first selections (before the first push) could be random.
     assert stats["unembedded"] <= (0 if source == "exemplars" else 2 * (LEAD + 10))
     ray_local.kill(miner)
+
+
+def test_a_rolling_refresh_embeds_a_window_of_classes_at_a_time(ray_local, tiny_shards):
+    """miner.refresh_classes = 6 of 20 classes: each refresh pushes 6, and 4 refreshes cover every class."""
+    from pipeline.mining.actor import get_or_create_miner, miner_name
+    from pipeline.models import build_model
+
+    cfg = _cfg(tiny_shards, "miner.refresh_by=trainers", "miner.refresh_classes=6")
+    miner = get_or_create_miner(miner_name("rolling"), dim=16)
+    hook = TrainerMining(cfg, "rolling", 0, 1)
+    model = build_model(cfg.model)
+    seen = []
+    for k in range(1, 5):
+        hook.refresh(10 * k, model, "cpu")
+        ray_local.get(hook._last_push)
+        snap_ids = ray_local.get(miner.stats.remote())
+        seen.append(snap_ids["classes"])
+    assert seen == [6, 12, 18, 20]  # the window wraps: the 4th refresh re-embeds 4 classes of the first window
+    steps = ray_local.get(miner.stats.remote())["version_steps"]
+    # 18, 19, 0-3 at step 40; 4, 5 still at 10; 6-11 at 20; 12-17 at 30: rows keep the step of their push.
+    assert steps[4] == pytest.approx((6 * 40 + 2 * 10 + 6 * 20 + 6 * 30) / 20)
+    ray_local.kill(miner)
