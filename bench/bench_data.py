@@ -257,7 +257,7 @@ def _spy_stop(proc, out: str, kinds: dict[int, str] | None = None) -> dict:
 
 def stream_rate(train_dir: str, size: int, epochs: float = 4, classes_per_batch: int = 16,
                 profile: str | None = None, expected_images: int | None = None, decoders: int = 2,
-                start_step: int = 0) -> dict:
+                start_step: int = 0, raw: bool = False) -> dict:
     """Images/s the full stream can sustain on this machine's cores, from its CPU cost.
 
     Ray Data decodes ahead into the object store while workers start, so a wall-clock rate
@@ -273,6 +273,8 @@ def stream_rate(train_dir: str, size: int, epochs: float = 4, classes_per_batch:
     removes it. "window": between the moments 20% and 80% of ``expected_images`` had been
     delivered; biased low, because the composer runs far ahead (JPEG rows are small) and
     does most of its work before the window; with ``profile`` py-spy samples that window.
+    ``raw``: the stream of ``data.decode_device: cuda`` (rows of JPEG bytes), decoded here by
+    the train loop's ``decode_batch`` on the CPU: the consumer stands for the training process.
     """
     import ray
 
@@ -306,11 +308,19 @@ def stream_rate(train_dir: str, size: int, epochs: float = 4, classes_per_batch:
     spy = None
     t0 = time.perf_counter()
     t_first, n, marks = None, 0, {}
-    for b in build_train_datasets(cfg, name, start_step)["train_0"].iter_batches(batch_size=1, batch_format="numpy"):
+    from pipeline.data.decode import decode_batch
+
+    for b in build_train_datasets(cfg, name, start_step, raw=raw)["train_0"].iter_batches(batch_size=1,
+                                                                                          batch_format="numpy"):
         if int(b["step"][0]) % max(1, cfg.data.max_lead // 4) == 0:  # as the train loop reports its steps
             planner.done.remote(int(b["step"][0]), 0)
         t_first = t_first or time.perf_counter()
-        n += b["images"].shape[1]
+        if raw:
+            if not b["skip"][0]:
+                decode_batch(b["jpeg"][0], b["jpeg_offsets"][0], b["flips"][0], size, "cpu")
+            n += len(b["jpeg_offsets"][0]) - 1
+        else:
+            n += b["images"].shape[1]
         if "a" not in marks and expected and n >= 0.2 * expected:
             marks["a"] = (n, time.perf_counter(), meter.snapshot())
             spy = _spy_start(profile) if profile else None  # sample the steady part only
@@ -360,6 +370,9 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=2, help="passes of the short run; the long run makes 3x as many")
     p.add_argument("--classes-per-batch", type=int, default=16, help="N of the composed batches (1 rank)")
     p.add_argument("--profile", default="", help="directory for py-spy profiles of the stream (one per size)")
+    p.add_argument("--raw-only", action="store_true",
+                   help="only the limit and the long run's window, for pixel rows and for JPEG-byte rows decoded "
+                        "by the consumer (data.decode_device: cuda's stream, decoded on the CPU)")
     args = p.parse_args()
     import ray
     import ray.data
@@ -385,6 +398,23 @@ def main() -> int:
             load0 = os.getloadavg()[0]
             limit = decode_limit(jpgs, size, cores)
             total = len(jpgs) * args.epochs
+            if args.raw_only:
+                stream_rate(f"{work}/train", size, 1, args.classes_per_batch)  # warm-up, as below
+                rows = {kind: stream_rate(f"{work}/train", size, 3 * args.epochs, args.classes_per_batch,
+                                          expected_images=3 * total, raw=kind == "jpeg")
+                        for kind in ("pixels", "jpeg")}
+                results[size] = {"limit_images_per_s": limit, "load_avg_1m_before": load0,
+                                 "load_avg_1m_after": os.getloadavg()[0]}
+                for kind, r in rows.items():
+                    ratio = r.get("window_images_per_s", 0.0) / limit
+                    results[size][kind] = {"ratio_window_to_limit": ratio, **{
+                        k: r.get(k) for k in ("window_cpu_ms_per_image", "window_cpu_ms_per_image_by_process",
+                                              "window_wall_images_per_s")}}
+                    print(f"{size}x{size}, rows of {kind}: window {r.get('window_cpu_ms_per_image', 0):.4f} CPU-ms/image "
+                          f"-> ratio {ratio:.2f} to the decode limit ({1e3 * cores / limit:.4f} CPU-ms/image); by "
+                          f"process {json.dumps({k: round(v, 4) for k, v in r.get('window_cpu_ms_per_image_by_process', {}).items()})}",
+                          flush=True)
+                continue
             # Warm-up: Ray Data's session-wide actors (stats, autoscaling coordinator) and the idle
             # worker pool start with the first dataset; without this the short run pays for them
             # and the marginal cost comes out too low.

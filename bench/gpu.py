@@ -6,10 +6,13 @@ On one GPU, in under 8 minutes, it measures:
   1. the bf16 matmul rate (the denominator of MFU);
   2. training images/s of ResNet-50 at 224x224 and ResNet-50 / IResNet-50 at 112x112 on
      synthetic tensors (bf16 autocast, channels_last, optional torch.compile): the ceiling;
-  3. the same ResNet-50 training fed by the real stream (synthetic JPEG shards -> Ray Data
-     read/decode/compose -> the training step), with the fraction of step time spent waiting
-     for data: the pipeline's cost;
-  4. FAISS GPU index build (refresh) and greedy selection for 1M classes at d = 512.
+  3. the training step's options one at a time at ResNet-50@224: fp32, bf16 without
+     channels_last, bf16 + torch.compile (all through ``pipeline.train.step.TrainStep``);
+  4. the same ResNet-50 training fed by the real stream (synthetic JPEG shards -> Ray Data
+     planned slices -> the training step) with ``data.decode_device`` ``cpu`` (the stream's
+     actors decode) and ``cuda`` (JPEG bytes decoded on the GPU by the train loop's own code),
+     with the fraction of step time spent waiting for data: the pipeline's cost;
+  5. FAISS GPU index build (refresh) and greedy selection for 1M classes at d = 512.
 Prints MFU (model FLOPs / measured bf16 matmul rate) and one final JSON line.
 
 Needs only torch, ray, faiss and webdataset (plus this repository). Without a GPU it exits
@@ -94,19 +97,24 @@ def build(name: str, torch, dry: bool):
         return None
 
 
-def train_rate(torch, device, model, size: int, batch: int, steps: int, compile_: bool, batches=None) -> dict:
-    """Images/s of N-pair training steps; ``batches`` (an iterator of (images, labels)) = real stream."""
+def train_rate(torch, device, model, size: int, batch: int, steps: int, compile_: bool, batches=None,
+               precision: str | None = None, channels_last: bool = True) -> dict:
+    """Images/s of N-pair training steps; ``batches`` (an iterator of (images, labels)) = real stream.
+
+    ``precision``: the step's ``train.precision`` (default bf16 on a GPU, fp32 on the CPU)."""
     from pipeline.config import load_config
     from pipeline.losses import build_loss
     from pipeline.train.step import MetricObjective, TrainStep, make_optimizer, make_scheduler
 
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if compile_ else model
     # The project's own step (pipeline.train.step), as jobs.train runs it: bf16 on the GPU.
     cfg = load_config(None, ["train.lr=0.01", f"train.steps={steps + 3}", "train.weight_decay=0"])
     opt = make_optimizer(cfg, model)
     train_step = TrainStep(forward, MetricObjective(build_loss("npair_mc")), opt, make_scheduler(cfg, opt),
-                           precision="bf16" if device.type == "cuda" else "fp32", device=device)
+                           precision=precision or ("bf16" if device.type == "cuda" else "fp32"), device=device)
     labels = torch.arange(batch // 2, device=device).repeat_interleave(2)
     synth = torch.randint(0, 255, (batch, size, size, 3), dtype=torch.uint8, device=device)
     wait = 0.0
@@ -134,8 +142,13 @@ def train_rate(torch, device, model, size: int, batch: int, steps: int, compile_
             "images": done, "seconds": dt}
 
 
-def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir: str):
-    """Synthetic JPEG shards -> the project's Ray Data stream -> (images, labels) tensors."""
+def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir: str, decode_device: str = "cpu",
+                   device=None):
+    """Synthetic JPEG shards -> the project's Ray Data stream -> (images, labels) tensors.
+
+    ``decode_device``: ``cpu`` (the stream's actors decode; rows carry pixels) or ``cuda`` (rows
+    carry JPEG bytes, decoded here on ``device`` by the train loop's own ``decode_batch``; on a
+    dry run the same path decodes on the CPU)."""
     import ray
 
     from pipeline.config import load_config
@@ -145,8 +158,9 @@ def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir:
     from pipeline.data.stream import build_train_datasets, stream_shape
 
     n_cls, per = (40, 8) if dry else (400, 20)
-    write_shards(synthetic_classes(n_cls, per, image_size=size, seed=0), workdir, holdout_fraction=0.0,
-                 shard_size=200 if dry else 1000, progress=False)
+    if not os.path.exists(os.path.join(workdir, "manifest.json")):
+        write_shards(synthetic_classes(n_cls, per, image_size=size, seed=0), workdir, holdout_fraction=0.0,
+                     shard_size=200 if dry else 1000, progress=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -157,16 +171,19 @@ def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir:
     cfg = load_config(None, [f"data.train={workdir}/train", f"data.image_size={size}", "scaling.num_workers=1",
                              f"batch.classes_per_batch={classes_per_batch}", f"train.steps={steps}",
                              f"data.decode_concurrency={2 if dry else max(2, (os.cpu_count() or 2) - 2)}"])
-    name = f"gpu-bench-planner-{size}"
+    name = f"gpu-bench-planner-{size}-{decode_device}"
     planner = create_planner(name, workdir, classes_per_batch, 2, 1, 0, max_lead=stream_shape(cfg)[1])
     ray.get(planner.begin.remote(0, None))
-    ds = build_train_datasets(cfg, name, 0)["train_0"]
+    ds = build_train_datasets(cfg, name, 0, raw=decode_device == "cuda")["train_0"]
     it = ds.iter_torch_batches(batch_size=1, prefetch_batches=4, pin_memory=not dry)
 
     def batches(keep=planner):  # the generator holds the planner's handle: the actor lives as long
+        from pipeline.train.loop import step_images
+
         for b in it:
             keep.done.remote(int(b["step"][0]), 0)  # what the train loop does after each step
-            yield b["images"][0], b["labels"][0]
+            labels = b["labels"][0]
+            yield step_images(b, size, device or torch.device("cpu"), labels.to(device or "cpu"), keep), labels
 
     return batches()
 
@@ -222,15 +239,33 @@ def main() -> int:
         mfu = "n/a (dry run)" if dry else f"{100 * r['mfu']:.1f}%"
         print(f"[gpu] synthetic {name}@{size}: {r['images_per_s']:.0f} img/s, MFU {mfu}", flush=True)
     res["synthetic"] = ceilings
+    # The training step's options one at a time, ResNet-50 at 224 (bf16 + channels_last above).
+    variants = {"fp32": {"precision": "fp32"}, "bf16_no_channels_last": {"precision": "bf16", "channels_last": False}}
+    if not args.compile and not dry:  # torch.compile of even the tiny CNN costs ~20 s of CPU: not in a dry run
+        variants["bf16_compile"] = {"precision": "bf16", "compile_": True}
+    options = {}
+    for label, kw in variants.items():
+        kw = {"compile_": args.compile, **kw}
+        if dry:
+            kw["precision"] = "bf16" if kw["precision"] == "bf16" and torch.backends.mkldnn.is_available() else "fp32"
+        r = train_rate(torch, device, build("resnet50", torch, dry), 32 if dry else 224, batch, steps, **kw)
+        r["mfu"] = None if dry else r["images_per_s"] * FLOPS_PER_IMAGE[("resnet50", 224)] / peak
+        options[label] = r
+        print(f"[gpu] synthetic resnet50@224 {label}: {r['images_per_s']:.0f} img/s", flush=True)
+    res["step_options"] = options
     with tempfile.TemporaryDirectory() as work:
         size = 32 if dry else 224
-        batches = stream_batches(torch, size, batch // 2, dry, work)
-        r = train_rate(torch, device, build("resnet50", torch, dry), size, batch, steps * 2, args.compile, batches)
         ref = ceilings.get("resnet50@224", {}).get("images_per_s") or 1.0
-        r["ratio_to_synthetic"] = r["images_per_s"] / ref
-        res["stream"] = r
-        print(f"[gpu] stream resnet50@{size}: {r['images_per_s']:.0f} img/s ({100 * r['ratio_to_synthetic']:.0f}% of "
-              f"synthetic), data wait {100 * r['data_wait_frac']:.0f}% of step time", flush=True)
+        res["stream"] = {}
+        for decode_device in ("cpu", "cuda"):
+            batches = stream_batches(torch, size, batch // 2, dry, work, decode_device, device)
+            r = train_rate(torch, device, build("resnet50", torch, dry), size, batch, steps * 2, args.compile, batches)
+            batches.close()
+            r["ratio_to_synthetic"] = r["images_per_s"] / ref
+            res["stream"][f"decode_{decode_device}"] = r
+            print(f"[gpu] stream resnet50@{size}, data.decode_device={decode_device}: {r['images_per_s']:.0f} img/s "
+                  f"({100 * r['ratio_to_synthetic']:.0f}% of synthetic), data wait {100 * r['data_wait_frac']:.0f}% "
+                  f"of step time", flush=True)
     res["mining"] = faiss_mining(dry)
     print(f"[gpu] FAISS {res['mining']['classes']} classes: build {res['mining']['build_s']:.2f}s, select N=192 "
           f"{res['mining']['select_N192_pool100k_s'] * 1e3:.0f} ms", flush=True)

@@ -40,6 +40,8 @@ class DataConfig:
     """How the planner draws a step's classes without the miner: ``uniform`` among the classes with enough unused samples, or ``proportional`` to what they have left (classes then run out together, fewer leftovers at the end of a pass)."""
     max_lead: int = 16
     """Steps the batch planner may plan ahead of the slowest rank's training: with the miner at least ``max(16, miner.refresh_every)`` (selections use embeddings about that old); without, at least 2 x ``decode_concurrency`` x 32 (``pipeline.data.stream.stream_shape``)."""
+    decode_device: Literal["cpu", "cuda"] = "cpu"
+    """Where training images are decoded: ``cpu`` (the stream's fetch actors decode and flip, rows carry pixels) or ``cuda`` (rows carry the JPEG bytes; each training process decodes its batch on its own GPU with ``torchvision.io.decode_jpeg`` and flips there; needs ``scaling.use_gpu``)."""
     augment: bool = True
     """Random horizontal flip during training."""
     epochs: int = 0
@@ -198,6 +200,16 @@ class EvalConfig:
     """K of Recall@K."""
     batch_size: int = 128
     """Images per inference batch."""
+    every: int = 0
+    """Evaluate on ``eval.data`` every this many steps during training, on rank 0 (0 = only at the last step). Each evaluation's metrics go to MLflow at its step, a checkpoint is saved with it, and the checkpoint with the best ``eval.metric`` is the run's result: the end-of-run evaluation and the logged model use it (``pipeline.eval.heldout``)."""
+    metric: str = "recall@1"
+    """What picks the best checkpoint (higher is better): ``recall@K`` for a K of ``eval.ks``, ``map@r``, ``nmi`` or ``f1``."""
+    data: str = ""
+    """Shards evaluated during training; empty = ``data.eval``. Choosing the best checkpoint on the set that the final figures come from flatters them: give a separate validation split here for an unbiased ``data.eval``."""
+    max_images: int = 2000
+    """At most this many images of ``eval.data`` are evaluated during training (whole shards in a seeded order; decoded once, kept in rank 0's memory). The end-of-run evaluation uses all of ``data.eval``."""
+    untrained: bool = False
+    """Also evaluate the untrained network at the end of the run (``untrained_*`` metrics: the baseline that training must beat)."""
 
 
 @dataclass
@@ -255,6 +267,13 @@ class Config:
             ("miner.num_gpus", 0.0 <= self.miner.num_gpus <= 1.0, "must be in [0, 1] (a share of one GPU)"),
             ("train.precision", self.train.precision != "fp16" or self.scaling.use_gpu,
              "fp16 needs scaling.use_gpu=true (on a CPU use bf16 or fp32)"),
+            ("eval.every", self.eval.every >= 0, "must be >= 0 (0 = only at the last step)"),
+            ("eval.max_images", self.eval.max_images >= 4, "must be >= 4"),
+            ("eval.metric", self.eval.metric in eval_metrics(self.eval.ks),
+             f"must be one of {', '.join(eval_metrics(self.eval.ks))}, got {self.eval.metric!r}"),
+            ("data.decode_device", self.data.decode_device == "cpu" or self.scaling.use_gpu,
+             "cuda needs scaling.use_gpu=true (the training process decodes on its GPU; "
+             "on a machine without one use cpu)"),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -266,6 +285,11 @@ class Config:
             )
         if self.loss.name.startswith("npair") and self.batch.images_per_class != 2:
             raise ConfigError("config key 'batch.images_per_class' must be 2 for the N-pair losses")
+
+
+def eval_metrics(ks) -> tuple[str, ...]:
+    """The metrics ``eval.metric`` may name, given ``eval.ks``."""
+    return (*(f"recall@{k}" for k in ks), "map@r", "nmi", "f1")
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:

@@ -96,8 +96,17 @@ def find_remote_manifest(spec: str) -> tuple[bytes, str, str] | None:
 FALLBACK_IMAGE_SIZE = 64
 """``data.image_size`` when it is 0 and the shards keep their source sizes (or have no manifest)."""
 
-SPLIT_OF_KEY = {"data.train": "train", "data.eval": "holdout"}
+SPLIT_OF_KEY = {"data.train": "train", "data.eval": "holdout", "eval.data": "holdout"}
 """The split each config key must stay within."""
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with a local path (directory, file or glob) made absolute; URIs and "" as given.
+
+    What the driver hands to Ray workers, whose working directory is not the job's."""
+    if not spec or "://" in spec:
+        return spec
+    return os.path.abspath(os.path.expanduser(spec))
 
 
 def manifest_dir(spec: str) -> Path | None:
@@ -174,6 +183,8 @@ def prepare_data(cfg) -> None:
     check_split(cfg.data.train, "data.train")
     if cfg.data.eval:
         check_split(cfg.data.eval, "data.eval")
+    if cfg.eval.data:
+        check_split(cfg.eval.data, "eval.data")
     cfg.data.image_size = resolve_image_size(cfg)
 
 

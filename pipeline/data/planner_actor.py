@@ -211,15 +211,26 @@ class PlannerActor:
 
         Raises DataQualityError once bad samples exceed ``data.max_bad_fraction``.
         """
+        self._count_bad(sample_id, reason, key)
+        new = self.planner.replace(step, rank, int(sample_id))
+        self._check()
+        return -1 if new is None else int(new)
+
+    async def report_bad(self, sample_ids: list[int], reason: str) -> None:
+        """Count samples found bad after their slice was handed out (a trainer's GPU decode,
+        ``data.decode_device: cuda``): counted once, never planned again; no replacement is drawn
+        (the trainer filled their slots with classmates). Raises DataQualityError as :meth:`replace`."""
+        for sid in sample_ids:
+            self._count_bad(sid, reason)
+        self._check()
+
+    def _count_bad(self, sample_id: int, reason: str, key: str = "") -> None:
         if int(sample_id) not in self.known_bad:
             # Counted once: a slice fetched ahead, or another rank's slice of a later pass, can
             # still hold a sample that was found bad after it was handed out.
             shard = self.paths[int(self.index_shard[sample_id])]
             self.report.add([(shard, key or f"sample {sample_id}", reason)])
             self.known_bad.add(int(sample_id))
-        new = self.planner.replace(step, rank, int(sample_id))
-        self._check()
-        return -1 if new is None else int(new)
 
     def _check(self) -> None:
         """Raise DataQualityError when the bad fraction so far exceeds ``data.max_bad_fraction``."""

@@ -15,7 +15,10 @@ Why fetch and decode share one stage (DESIGN.md draws two): a read costs ~6 us p
 against ~80-300 us to decode it (BENCHMARKS.md), so a stage of its own would add a
 process hop and a copy of the bytes through the object store for ~2% of the work.
 
-Row columns (one row per step): ``images`` (B, H, W, 3) uint8, ``labels`` (B,) int64,
+Row columns (one row per step): ``images`` (B, H, W, 3) uint8 (with ``data.decode_device:
+cuda`` instead ``jpeg``, the slice's JPEG bytes packed in one ragged uint8 column, with
+``jpeg_offsets`` (B + 1,) int64 and ``flips`` (B,) bool: the training process decodes them on
+its GPU; a row is then ~5-10x smaller than its pixels), ``labels`` (B,) int64,
 ``sample_ids`` (B,) int64 (rows of the index; -1 for a slot filled with a copy of a
 classmate because its class had no unused sample left), ``step`` and ``pass`` (the planner's pass of the step's samples) int64, ``skip`` bool
 (a step before the attempt's start: no images; the loop drops it), ``end`` bool (the
@@ -39,7 +42,7 @@ import time
 
 import numpy as np
 
-from pipeline.data.decode import decode_into
+from pipeline.data.decode import decode_into, pack_jpegs
 from pipeline.data.reader import jpeg_problem
 from pipeline.data.report import REASONS
 
@@ -61,7 +64,7 @@ class FetchDecode:
 
     def __init__(self, planner: str, rank: int, start_step: int, index_root: str, size: int, augment: bool,
                  seed: int, slice_images: int, mining: bool = False, timeout_s: float = 300.0,
-                 cache_dir: str = "", prefetch: int = 1, end_step: int = 0) -> None:
+                 cache_dir: str = "", prefetch: int = 1, end_step: int = 0, raw: bool = False) -> None:
         import ray
 
         from pipeline.data.cache import RemoteSet, is_remote
@@ -78,6 +81,7 @@ class FetchDecode:
         self.cached = np.zeros(len(self.index.paths), dtype=bool)
         self.prefetch, self.ahead, self.end_step = max(1, prefetch), {}, end_step or (1 << 62)
         self.timeout_s, self.mining, self.slice_images = timeout_s, mining, slice_images
+        self.raw = raw  # data.decode_device: cuda: rows carry the JPEG bytes, the trainer decodes
 
     def _slice(self, step: int) -> dict:
         """Rank ``rank``'s part of plan ``step``, from parts fetched ahead or from the planner.
@@ -135,13 +139,14 @@ class FetchDecode:
         """Row ``step`` from the planner's ``part``; its images are decoded into ``images`` (and the side
         batch's into ``rand_images``), views of the output block's column."""
         if part.get("skip") or part.get("end"):
-            images[...] = 0
+            if not self.raw:
+                images[...] = 0
             return part
         out = self._fill(step, part["sample_ids"].copy(), part["labels"], images, replace=True)
         if "side_ids" in part:
             side = self._fill(step, part["side_ids"].copy(), part["side_labels"], rand_images, replace=False)
             out.update(rand_labels=side["labels"], has_rand=True)
-        elif rand_images is not None:
+        elif rand_images is not None and not self.raw:
             rand_images[...] = 0
         out["pass"] = part["pass"]
         for k in ("select_ms", "miner_version", "fallbacks"):
@@ -159,13 +164,16 @@ class FetchDecode:
             jpgs = self._read(ids[todo])
             problems = ["truncated_tar" if b is None else jpeg_problem(b) for b in jpgs]
             readable = np.flatnonzero([p is None for p in problems])
-            if len(readable) == len(ids) == len(todo):  # the usual case: decode straight into the output
+            if self.raw:  # decoded by the trainer (data.decode_device: cuda), which reports what fails there
+                for j in readable:
+                    images[todo[j]] = jpgs[j]
+            elif len(readable) == len(ids) == len(todo):  # the usual case: decode straight into the output
                 decoded = decode_into(jpgs, images, self._flips(ids, step))
             elif len(readable):
                 buf = np.empty((len(readable), self.size, self.size, 3), dtype=np.uint8)
                 decoded = decode_into([jpgs[j] for j in readable], buf, self._flips(ids[todo[readable]], step))
                 images[todo[readable[decoded]]] = buf[decoded]
-            if len(readable):
+            if len(readable) and not self.raw:
                 for j in readable[~decoded]:
                     problems[j] = "corrupt_image"
             failed = [(slot, why) for slot, why in zip(todo, problems) if why is not None]
@@ -181,22 +189,42 @@ class FetchDecode:
             if not len(todo):
                 break
         _copy_classmates(images, labels, ids)
-        return {"labels": labels, "sample_ids": ids, "bad": bad}
+        out = {"labels": labels, "sample_ids": ids, "bad": bad}
+        if self.raw:
+            flips = self._flips(np.maximum(ids, 0), step)
+            out["flips"] = np.zeros(len(ids), dtype=bool) if flips is None else flips
+            _copy_classmates(out["flips"], labels, ids)
+        return out
 
     def __call__(self, batch: dict) -> dict:
         """The rows of ``batch``'s steps (Ray Data gives one at a time: ``batch_size=1``, see
-        :func:`build_train_datasets`), their images decoded straight into the output column."""
+        :func:`build_train_datasets`), their images decoded straight into the output column
+        (or, ``raw``, their JPEG bytes packed by ``pipeline.data.decode.pack_jpegs``)."""
         steps = [self.start + int(s) for s in batch["id"]]
-        shape = (len(steps), self.slice_images, self.size, self.size, 3)
-        out = {"images": np.empty(shape, np.uint8)}
-        if self.mining:
-            out["rand_images"] = np.empty(shape, np.uint8)
-        empty = {"labels": np.full(shape[1], -1, np.int64), "sample_ids": np.full(shape[1], -1, np.int64),
+        b = self.slice_images
+        shape = (len(steps), b, self.size, self.size, 3)
+        if self.raw:
+            out = {"images": [[None] * b for _ in steps]}
+            if self.mining:
+                out["rand_images"] = [[None] * b for _ in steps]
+        else:
+            out = {"images": np.empty(shape, np.uint8)}
+            if self.mining:
+                out["rand_images"] = np.empty(shape, np.uint8)
+        empty = {"labels": np.full(b, -1, np.int64), "sample_ids": np.full(b, -1, np.int64),
                  "bad": np.zeros(len(REASONS), np.int64), "pass": -1}
+        if self.raw:
+            empty["flips"] = np.zeros(b, dtype=bool)
         if self.mining:  # fixed-shape columns on every row, so Ray Data keeps tensor columns
             empty.update(rand_labels=empty["labels"], has_rand=False, select_ms=0.0, miner_version=-1, fallbacks=0)
         rows = [self._step(step, self._slice(step), out["images"][i], out["rand_images"][i] if self.mining else None)
                 for i, step in enumerate(steps)]
+        if self.raw:
+            for col in ("images", "rand_images") if self.mining else ("images",):
+                packed = [pack_jpegs([j or b"" for j in slots]) for slots in out.pop(col)]
+                prefix = "jpeg" if col == "images" else "rand_jpeg"
+                out[prefix] = _ragged([buf for buf, _ in packed])
+                out[f"{prefix}_offsets"] = np.stack([offs for _, offs in packed])
         out.update(step=np.asarray(steps, dtype=np.int64),
                    skip=np.asarray([bool(r.get("skip") or r.get("end")) for r in rows]),
                    end=np.asarray([bool(r.get("end")) for r in rows]))
@@ -205,12 +233,24 @@ class FetchDecode:
         return out
 
 
-def _copy_classmates(images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """An object array of 1-d arrays of different lengths: a ragged Ray Data column."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def _copy_classmates(images, labels: np.ndarray, ids: np.ndarray) -> None:
     """Fill each slot left without a sample (id -1: its class had no unused sample left) with a
-    classmate's image, so the slice keeps its shape; the slot stays -1 in ``sample_ids``."""
+    classmate's image (pixels, or JPEG bytes in a list), so the slice keeps its shape; the slot
+    stays -1 in ``sample_ids``."""
     for slot in np.flatnonzero(ids < 0):
         mates = np.flatnonzero((labels == labels[slot]) & (ids >= 0))
-        images[slot] = images[mates[0]] if len(mates) else 0
+        if isinstance(images, list):
+            images[slot] = images[mates[0]] if len(mates) else None
+        else:
+            images[slot] = images[mates[0]] if len(mates) else 0
 
 
 STEPS_PER_BLOCK = 32
@@ -236,12 +276,13 @@ def stream_shape(cfg, miner_lead: int = 0) -> tuple[int, int]:
     return max(1, lead // (2 * conc)), lead
 
 
-def build_train_datasets(cfg, planner: str, start_step: int, miner_lead: int = 0) -> dict:
+def build_train_datasets(cfg, planner: str, start_step: int, miner_lead: int = 0, raw: bool | None = None) -> dict:
     """One Ray Data dataset per rank, ``{"train_0": ..., "train_<W-1>": ...}``, over steps ``start_step .. train.steps-1``.
 
     ``planner`` is the name of the run's planner actor, made with :func:`stream_shape`'s lead
     (``miner_lead``: the miner's wish, with mining on). Pass them to the trainer with
-    :func:`data_config` (unsplit, order kept). Raises ShardError when ``data.train`` has no
+    :func:`data_config` (unsplit, order kept). ``raw``: rows carry JPEG bytes instead of pixels
+    (default: ``data.decode_device == "cuda"``; tests set it on a CPU). Raises ShardError when ``data.train`` has no
     index (``python -m jobs.make_shards --reindex OUT`` writes one).
     """
     import ray.data
@@ -269,7 +310,7 @@ def build_train_datasets(cfg, planner: str, start_step: int, miner_lead: int = 0
                                    "size": cfg.data.image_size, "augment": cfg.data.augment,
                                    "seed": cfg.train.seed, "mining": cfg.miner.enabled,
                                    "cache_dir": cfg.data.cache_dir, "prefetch": per_block,
-                                   "end_step": cfg.train.steps,
+                                   "end_step": cfg.train.steps, "raw": cfg.data.decode_device == "cuda" if raw is None else raw,
                                    "slice_images": cfg.batch.classes_per_batch // cfg.scaling.num_workers
                                    * cfg.batch.images_per_class},
         )

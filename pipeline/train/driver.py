@@ -26,10 +26,10 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from pipeline import runtime, tracking
-from pipeline.config import Config, dump_yaml, to_dict
+from pipeline.config import Config, dump_yaml
 from pipeline.data import report
 from pipeline.data.cache import index_spec
-from pipeline.data.manifest import class_models, find_manifest, prepare_data
+from pipeline.data.manifest import absolute_spec, class_models, find_manifest, prepare_data
 from pipeline.data.planner_actor import create_planner, planner_name
 from pipeline.data.stream import build_train_datasets, data_config, stream_shape
 from pipeline.eval.evaluate import evaluate_state, log_plots
@@ -37,7 +37,9 @@ from pipeline.mining.refresh import start_miner
 from pipeline.models import initial_state
 from pipeline.models.inference import example_images, inference_model
 from pipeline.train.checkpoint import CKPT_FILE, load_checkpoint, resume_point
+from pipeline.train.checkpointer import SCORE
 from pipeline.train.loop import train_loop_per_worker
+from pipeline.train.worker_config import WorkerConfig
 from pipeline.train.process_group import LoopbackTorchConfig
 
 
@@ -78,12 +80,12 @@ def run_training(cfg: Config) -> dict:
         actors = miner.actors if miner else []
         datasets = build_train_datasets(cfg, report_name, int(latest["step"]) if latest else 0,
                                         miner.max_lead if miner else 0)
+        worker = WorkerConfig(worker_config(cfg), uri, run_id, report_name, refresher=miner.refresher if miner else None,
+                              class_models=class_models(cfg), resume_from=resume_from)
+        evaluates = bool(cfg.eval.data or cfg.data.eval)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": to_dict(cfg), "tracking_uri": uri, "run_id": run_id,
-                               "miner": miner.loop_settings() if miner else None,
-                               "class_models": class_models(cfg), "planner": report_name,
-                               "resume_from": resume_from},
+            train_loop_config=worker.to_dict(),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.scaling.num_workers,
                 use_gpu=cfg.scaling.use_gpu,
@@ -92,7 +94,9 @@ def run_training(cfg: Config) -> dict:
             run_config=ray.train.RunConfig(
                 name=name,
                 storage_path=storage,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                # With evaluations, the best-scoring checkpoints are kept (and always the latest).
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=2, checkpoint_score_attribute=SCORE if evaluates else None),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             ),
             datasets=datasets,
@@ -109,21 +113,29 @@ def run_training(cfg: Config) -> dict:
             ray.kill(actor)  # an unfinished refresh dies with them; nothing waits on it
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
+        best, best_metrics = best_checkpoint(result)
         metrics = {"train_loss": float(result.metrics["loss"]), "train_time_s": train_s}
         retry_s = cfg.tracking.retry_s
-        with result.checkpoint.as_directory() as d:
+        with best.as_directory() as d:
+            # The run's result: the best evaluated checkpoint (the latest without evaluations).
             tracking.log_artifacts(uri, run_id, d, "checkpoint", retry_s=retry_s)
-            state = load_checkpoint(os.path.join(d, CKPT_FILE))["model"]
+            ckpt_state = load_checkpoint(os.path.join(d, CKPT_FILE))
+        state, metrics["best_step"] = ckpt_state["model"], float(ckpt_state["step"])
+        if evaluates:
+            metrics[f"best_{cfg.eval.metric}"] = float(best_metrics[SCORE])
+            print(f"[train] best checkpoint: step {ckpt_state['step']} ({cfg.eval.metric} "
+                  f"{best_metrics[SCORE]:.4f} during training)", flush=True)
         logged = log_model(cfg, uri, run_id, state)
         tracking.log_metrics(uri, run_id, metrics, step=cfg.train.steps, retry_s=retry_s)
         if cfg.data.eval:
             ev = evaluate_and_plot(cfg, uri, run_id, state)
-            untrained = evaluate_state(cfg, initial_state(cfg), cfg.data.eval)
-            ev.update({f"untrained_{k}": v for k, v in untrained.items()})
+            if cfg.eval.untrained:
+                untrained = evaluate_state(cfg, initial_state(cfg), cfg.data.eval)
+                ev.update({f"untrained_{k}": v for k, v in untrained.items()})
             tracking.log_metrics(uri, run_id, ev, step=cfg.train.steps, retry_s=retry_s)
             metrics.update(ev)
         status = "FINISHED"
-        return {"run_id": run_id, "metrics": metrics, "checkpoint": result.checkpoint.path, "model": logged}
+        return {"run_id": run_id, "metrics": metrics, "checkpoint": best.path, "model": logged}
     except (KeyboardInterrupt, SystemExit):  # Ray's driver turns SIGTERM into SystemExit
         status = "KILLED"
         raise
@@ -135,6 +147,26 @@ def run_training(cfg: Config) -> dict:
         tracking.end_run(uri, run_id, status, retry_s=cfg.tracking.retry_s)
         if status != "FINISHED":
             print(f"[train] run {run_id} ended {status}", file=sys.stderr, flush=True)
+
+
+def worker_config(cfg: Config) -> Config:
+    """A copy of ``cfg`` for the training workers: local shard paths made absolute (a Ray
+    worker's working directory is not the job's)."""
+    from pipeline.config import config_from_dict, to_dict
+
+    out = config_from_dict(to_dict(cfg))
+    out.data.train, out.data.eval = absolute_spec(cfg.data.train), absolute_spec(cfg.data.eval)
+    out.data.exemplars, out.eval.data = absolute_spec(cfg.data.exemplars), absolute_spec(cfg.eval.data)
+    return out
+
+
+def best_checkpoint(result) -> tuple:
+    """``(checkpoint, its reported metrics)``: the one with the highest ``eval_score``
+    (ties: the later step), or the latest when no checkpoint was scored."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(SCORE, float("-inf")) > float("-inf")]
+    if not scored:
+        return result.checkpoint, result.metrics
+    return max(scored, key=lambda cm: (cm[1][SCORE], cm[1]["step"]))
 
 
 def log_model(cfg: Config, uri: str, run_id: str, state: dict) -> dict:

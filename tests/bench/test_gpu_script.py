@@ -31,5 +31,9 @@ def test_dry_run_measures_every_stage_on_cpu():
     assert res["dry_run"] is True and res["matmul_flops"] > 1e8
     assert set(res["synthetic"]) >= {"resnet50@224", "resnet50@112"}
     assert all(r["images_per_s"] > 0 and r["images"] == 16 for r in res["synthetic"].values())
-    assert res["stream"]["images"] > 0 and 0.0 <= res["stream"]["data_wait_frac"] < 1.0
+    assert set(res["stream"]) == {"decode_cpu", "decode_cuda"}  # data.decode_device's two paths (CPU decode here)
+    for r in res["stream"].values():
+        assert r["images"] > 0 and 0.0 <= r["data_wait_frac"] < 1.0
+    assert set(res["step_options"]) == {"fp32", "bf16_no_channels_last"}  # + bf16_compile on a GPU
+    assert all(r["images_per_s"] > 0 for r in res["step_options"].values())
     assert res["mining"]["classes"] == 20000 and res["mining"]["build_s"] > 0

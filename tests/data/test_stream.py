@@ -221,3 +221,65 @@ def test_a_sample_found_bad_is_not_handed_out_again_in_a_pass_planned_before(tin
     assert sum(int((part["sample_ids"] == -1).sum()) for part in later) == len(again)
     report = asyncio.run(actor.fetch())
     assert report["counts"]["corrupt_image"] == 1
+
+
+def test_rows_of_jpeg_bytes_decode_in_the_trainer_to_the_same_pixels(ray_local, tiny_shards):
+    """data.decode_device: cuda, run on the CPU: rows carry packed JPEG bytes and flips; the
+    trainer's decode (``decode_batch``) gives exactly the pixel stream's images (same decoder)."""
+    import torch
+
+    from pipeline.data.decode import decode_batch
+
+    ray = ray_local
+    steps = 6
+    cfg = _cfg(tiny_shards / "train", steps, workers=1)
+    datasets, actors = {}, []
+    for raw in (False, True):  # two planners with the same seed: the same plans; both streams at once
+        name, actor = _planner(tiny_shards, cfg)
+        ray.get(actor.begin.remote(0, None))
+        datasets[raw] = build_train_datasets(cfg, name, 0, raw=raw)["train_0"]
+        actors.append(actor)
+    got = _consume(datasets)
+    rows = {False: got[0], True: got[1]}
+    for actor in actors:
+        ray.kill(actor)
+    assert cfg.data.augment  # flips on: some images of the rows are mirrored
+    flipped = 0
+    for pix, jpg in zip(rows[False], rows[True]):
+        assert "images" not in jpg and jpg["jpeg"].dtype == np.uint8 and jpg["jpeg_offsets"].shape == (N * M + 1,)
+        assert jpg["jpeg"].size == jpg["jpeg_offsets"][-1] < pix["images"].size / 3  # far smaller than pixels
+        np.testing.assert_array_equal(jpg["sample_ids"], pix["sample_ids"])
+        images, ok = decode_batch(torch.from_numpy(jpg["jpeg"]), jpg["jpeg_offsets"], jpg["flips"], 32, "cpu")
+        assert bool(ok.all())
+        np.testing.assert_array_equal(images.numpy(), pix["images"])
+        flipped += int(jpg["flips"].sum())
+    assert 0 < flipped < steps * N * M
+
+
+def test_an_image_that_fails_the_trainers_decode_is_replaced_by_a_classmate_and_counted(ray_local, tiny_shards):
+    import torch
+
+    from pipeline.data.decode import pack_jpegs
+    from pipeline.train.loop import step_images
+
+    ray = ray_local
+    cfg = _cfg(tiny_shards / "train", 4, workers=1)
+    name, actor = _planner(tiny_shards, cfg)
+    index = load_index(str(tiny_shards), "train")
+    good = [open(index.paths[int(index.shard[i])], "rb").read()[int(index.offset[i]):int(index.offset[i] + index.size[i])]
+            for i in range(3)]
+    bad = b"\xff\xd8" + b"\x13" * 200 + b"\xff\xd9"  # the markers pass the stream's check; it does not decode
+    buf, offsets = pack_jpegs([good[0], good[1], bad, good[2]])
+    labels = torch.tensor([7, 7, 9, 9])
+    batch = {"jpeg": torch.from_numpy(buf.copy())[None], "jpeg_offsets": torch.from_numpy(offsets)[None],
+             "flips": torch.zeros(1, 4, dtype=torch.bool), "sample_ids": torch.tensor([[0, 1, 2, 3]])}
+    images = step_images(batch, 32, torch.device("cpu"), labels, actor)
+    assert torch.equal(images[2], images[3]) and images[3].float().std() > 0  # slot 2: its classmate's image
+    assert not torch.equal(images[0], images[1])
+    import time
+
+    deadline = time.monotonic() + 10  # the report is fire and forget; an async actor runs calls in any order
+    while (report := ray.get(actor.fetch.remote()))["counts"]["corrupt_image"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert report["counts"]["corrupt_image"] == 1 and report["items"][0]["key"] == "sample 2"
+    ray.kill(actor)

@@ -14,22 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.e2e.conftest import QS_STEPS
 from tests.e2e.jobs import run_job
 from tests.sockets import is_loopback, listening_of, session_pids
 
 pytestmark = pytest.mark.e2e
-STEPS = 6
+STEPS = QS_STEPS
 
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_shards, tmp_path_factory):
-    work = tmp_path_factory.mktemp("qs")
-    out = run_job(["jobs.train", "--config", str(Path(__file__).parents[2] / "configs/quickstart.yaml"),
-                f"data.train={tiny_shards}/train", f"data.eval={tiny_shards}/holdout", "data.image_size=32",
-                f"train.steps={STEPS}", "train.log_every=2", "batch.classes_per_batch=4", "miner.pool_classes=8",
-                "train.run_name=e2e"], cwd=work)
-    return work, out
+def trained(quickstart_run):
+    return quickstart_run
 
 
 def test_train_reports_metrics_and_tracks_the_run(trained):
@@ -58,8 +54,31 @@ def test_train_reports_metrics_and_tracks_the_run(trained):
     assert {"config.yaml", "checkpoint"} <= arts
     ckpt = client.download_artifacts(out["run_id"], "checkpoint/model.pt", str(work))
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert state["step"] == STEPS and state["run_id"] == out["run_id"]
+    assert state["step"] == out["metrics"]["best_step"] and state["run_id"] == out["run_id"]
     assert state["model"]["head.weight"].shape == (64, 64)
+
+
+def test_evaluations_during_training_pick_the_best_checkpoint(trained):
+    """eval.every=2: recall_at_1 at steps 2, 4, 6; the run's model and final metrics are the best step's."""
+    from mlflow.tracking import MlflowClient
+
+    work, out = trained
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    history = client.get_metric_history(out["run_id"], "recall_at_1")
+    during = {h.step: h.value for h in history if h.step < STEPS}
+    last = sorted((h for h in history if h.step == STEPS), key=lambda h: h.timestamp)
+    assert sorted(during) == [2, 4] and len(last) == 2  # step 6: its evaluation, then the final metrics
+    during[STEPS] = last[0].value
+    best_step = max(during, key=lambda s: (during[s], s))  # ties: the later step, as the driver picks
+    m = out["metrics"]
+    assert m["best_step"] == best_step and m["best_recall@1"] == pytest.approx(during[best_step])
+    # The held-out set (160 images) is smaller than eval.max_images, so the end-of-run evaluation (Ray
+    # Data, all of data.eval) sees the same images as the one during training: the same Recall@1.
+    assert m["recall@1"] == pytest.approx(during[best_step], abs=1.5 / 160)
+    assert [h.step for h in client.get_metric_history(out["run_id"], "eval/seconds")] == [2, 4, 6]
+    # The logged checkpoint and model are the best step's.
+    ckpt = client.download_artifacts(out["run_id"], "checkpoint/model.pt", str(work / "best"))
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["step"] == best_step
 
 
 def test_evaluate_job_reproduces_the_run_metrics(trained):
