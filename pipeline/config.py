@@ -97,15 +97,35 @@ class MinerConfig:
     enabled: bool = False
     """Hard negative class mining (Sohn 2016); off = random classes."""
     refresh_every: int = 20
-    """Refresh the class embeddings every this many steps."""
+    """Refresh the class embeddings from the exemplars every this many steps (``miner.source: exemplars``)."""
     pool_classes: int = 64
-    """Candidate classes per step that the miner chooses N from (Sohn's 'large random set of C classes'), drawn uniformly from all classes with unused samples."""
+    """C: candidate classes per step that the miner chooses N from (Sohn's 'large random set of C classes'); see ``miner.candidates``."""
+    candidates: Literal["random", "knn"] = "random"
+    """How the C candidates are drawn: ``random`` (uniformly from all classes with unused samples, Sohn's set) or ``knn`` (a random seed class and its C - 1 nearest active classes by FAISS over all class embeddings, per ``miner.index``: at 100k+ classes a random set holds almost no look-alikes). Seeds without an embedding yet, and missing neighbours, are drawn at random and counted (``mine/knn_filled``)."""
+    source: Literal["exemplars", "ema"] = "exemplars"
+    """Where class embeddings come from: ``exemplars`` (Sohn: embed ``exemplars_per_class`` images per class with recent weights every ``refresh_every`` steps) or ``ema`` (each rank pushes the per-class means of the embeddings it just trained, every ``push_every`` steps, without waiting; the miner keeps an EMA per class: no extra forward pass, scales to millions of classes, but a class's embedding is only as fresh as its last batch)."""
+    refresh_by: Literal["auto", "refresher", "trainers"] = "auto"
+    """Who embeds the exemplars (``source: exemplars``): ``refresher`` (an actor running Ray Data tasks; with ``scaling.use_gpu`` each asks a GPU, which never frees up while training holds every GPU), ``trainers`` (each training worker embeds 1/W of them under no_grad every ``refresh_every`` steps and pushes them: works on a full GPU cluster) or ``auto`` (``trainers`` with ``scaling.use_gpu``, else ``refresher``)."""
+    refresh_classes: int = 0
+    """Classes whose exemplars one trainer-side refresh embeds (``refresh_by: trainers``), a rolling window over all classes, split across the ranks; 0 = every class at every refresh. Bounds a refresh's cost at many classes (WebFace42M: 4M exemplars) to what it refreshes; a class's embedding is then refreshed every classes / refresh_classes refreshes."""
+    ema_momentum: float = 0.5
+    """``source: ema``: weight of a class's old embedding in each update, in [0, 1) (0 = the latest batch's mean only)."""
+    push_every: int = 10
+    """``source: ema``: steps of class means each rank gathers before one push to the miner."""
     exemplars_per_class: int = 2
     """Images per class embedded at a refresh."""
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     """FAISS index of class embeddings: flat, ivf or hnsw."""
+    num_gpus: float = 0.0
+    """GPU share the miner actor reserves from Ray (e.g. 0.1); > 0 puts a flat index on that GPU, 0 keeps FAISS on the CPU (the miner never touches a GPU it did not reserve)."""
     timeout_s: float = 2.0
     """Seconds to wait for the miner before falling back to random classes."""
+
+    def resolved_refresh_by(self, use_gpu: bool) -> str:
+        """``refresher`` or ``trainers``: who embeds the exemplars with ``scaling.use_gpu`` = ``use_gpu``."""
+        if self.refresh_by != "auto":
+            return self.refresh_by
+        return "trainers" if use_gpu else "refresher"
 
 
 @dataclass
@@ -239,6 +259,12 @@ class Config:
             ("train.lr_gamma", self.train.lr_gamma > 0, "must be > 0"),
             ("train.lr_milestones", list(self.train.lr_milestones) == sorted(set(self.train.lr_milestones))
              and all(m > 0 for m in self.train.lr_milestones), "must be increasing steps >= 1"),
+            ("miner.refresh_every", self.miner.refresh_every >= 1, "must be >= 1"),
+            ("miner.pool_classes", self.miner.pool_classes >= 1, "must be >= 1"),
+            ("miner.ema_momentum", 0.0 <= self.miner.ema_momentum < 1.0, "must be in [0, 1)"),
+            ("miner.push_every", self.miner.push_every >= 1, "must be >= 1"),
+            ("miner.refresh_classes", self.miner.refresh_classes >= 0, "must be >= 0 (0 = every class)"),
+            ("miner.num_gpus", 0.0 <= self.miner.num_gpus <= 1.0, "must be in [0, 1] (a share of one GPU)"),
             ("train.precision", self.train.precision != "fp16" or self.scaling.use_gpu,
              "fp16 needs scaling.use_gpu=true (on a CPU use bf16 or fp32)"),
             ("eval.every", self.eval.every >= 0, "must be >= 0 (0 = only at the last step)"),

@@ -19,29 +19,59 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
-from pipeline.mining.class_index import ClassEmbeddingIndex
+from pipeline.mining.class_index import ClassEmbeddingIndex, faiss_device
 
 
 @ray.remote
 class MinerActor:
-    """A `ClassEmbeddingIndex` served over Ray; create it with `get_or_create_miner`."""
+    """A `ClassEmbeddingIndex` served over Ray; create it with `get_or_create_miner`.
+
+    A flat index goes to a GPU only when this actor reserved one from Ray
+    (`get_or_create_miner(num_gpus=...)`, a fraction is enough): `faiss_device`.
+
+    Counters (since the actor's start; `stats`): `unembedded`, picks made at random
+    because the class had no embedding yet; `filled`, knn candidates the selectors had
+    to draw at random (seed without an embedding, too few active neighbours); `merges`.
+    """
 
     def __init__(self, dim: int, index: str = "flat"):
-        self._index = ClassEmbeddingIndex(dim, index)
+        self._index = ClassEmbeddingIndex(dim, index, device=faiss_device(ray.get_gpu_ids()))
+        self._counts = {"unembedded": 0, "filled": 0, "merges": 0, "selects": 0}
 
-    def update(self, class_ids: np.ndarray, embeddings: np.ndarray) -> int:
-        """Publish new class embeddings; returns the new version (raises ValueError on bad input)."""
-        return self._index.update(class_ids, embeddings)
+    def update(self, class_ids: np.ndarray, embeddings: np.ndarray, step: int = 0) -> int:
+        """Publish a whole new class set; returns the new version (raises ValueError on bad input)."""
+        return self._index.update(class_ids, embeddings, step)
 
-    def select(self, candidates, n: int, seed: int) -> tuple[int, list[int]]:
+    def merge(self, class_ids: np.ndarray, embeddings: np.ndarray, step: int, momentum: float = 0.0) -> int:
+        """Change (or add) some classes' rows, EMA with `momentum`; returns the new version.
+
+        Trainers call it fire-and-forget; see `ClassEmbeddingIndex.merge`.
+        """
+        version = self._index.merge(class_ids, embeddings, step, momentum)
+        self._counts["merges"] += 1
+        return version
+
+    def select(self, candidates, n: int, seed: int, first: int | None = None,
+               filled: int = 0) -> tuple[int, list[int]]:
         """Greedy selection of n classes from `candidates` with `np.random.default_rng(seed)`.
+
+        `first`: start from this candidate (the knn seed class). `filled`: how many of the
+        candidates the caller drew at random for lack of neighbours (counted here).
 
         Returns:
             (version, class_ids): the snapshot version the selection was made
             on (0 means no embeddings, so the selection is random) and the ids.
         """
         snap = self._index.snapshot()
-        return snap.version, snap.select(candidates, n, np.random.default_rng(seed))
+        picked = self._index.select(candidates, n, np.random.default_rng(seed), first=first)
+        self._counts["unembedded"] += int(np.count_nonzero(snap.rows_of(np.asarray(picked)) < 0))
+        self._counts["filled"] += int(filled)
+        self._counts["selects"] += 1
+        return snap.version, picked
+
+    def neighbours(self, class_id: int, k: int) -> tuple[int, np.ndarray]:
+        """(version, up to k nearest class ids of `class_id`, best first); see `ClassSnapshot.neighbours`."""
+        return self._index.version, self._index.neighbours(class_id, k)
 
     def nearest_classes(self, class_ids, k: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS k-nearest classes of each class; see `ClassSnapshot.nearest_classes`."""
@@ -51,9 +81,20 @@ class MinerActor:
         """The current snapshot version (0 after a (re)start until the first update)."""
         return self._index.version
 
+    def stats(self) -> dict:
+        """``{"version", "classes", "device", "version_steps": {version: mean step of its rows}, **counters}``."""
+        snap = self._index.snapshot()
+        return {"version": snap.version, "classes": len(snap.ids), "device": self._index.device,
+                "version_steps": dict(self._index.version_steps), **self._counts}
+
     def ping(self) -> bool:
         """Returns True; a cheap liveness check."""
         return True
+
+
+def miner_name(run_id: str) -> str:
+    """The miner actor's name for MLflow run ``run_id``."""
+    return f"miner-{run_id}"
 
 
 def get_or_create_miner(
@@ -65,6 +106,7 @@ def get_or_create_miner(
     detached: bool = False,
     num_cpus: float = 0,
     max_concurrency: int = 4,
+    num_gpus: float = 0,
 ):
     """The named miner actor, created if it does not exist yet.
 
@@ -88,6 +130,8 @@ def get_or_create_miner(
         num_cpus: logical CPUs reserved; 0 by default because the clusters
             this runs on are CPU-starved and the actor mostly idles.
         max_concurrency: threads serving calls, so select runs during update.
+        num_gpus: GPU share reserved from Ray (``miner.num_gpus``); > 0 puts a flat
+            index on that GPU, 0 keeps FAISS on the CPU whatever GPUs the node has.
 
     Returns:
         The actor handle.
@@ -97,6 +141,8 @@ def get_or_create_miner(
     """
     if max_restarts < 1:
         raise ValueError(f"get_or_create_miner: max_restarts must be >= 1, got {max_restarts}")
+    if num_gpus < 0:
+        raise ValueError(f"get_or_create_miner: num_gpus (miner.num_gpus) must be >= 0, got {num_gpus}")
     return MinerActor.options(
         name=name,
         namespace=namespace,
@@ -106,6 +152,7 @@ def get_or_create_miner(
         # A call caught by a crash is retried once on the restarted actor.
         max_task_retries=1,
         num_cpus=num_cpus,
+        num_gpus=num_gpus,
         max_concurrency=max_concurrency,
     ).remote(dim, index)
 
@@ -146,11 +193,40 @@ class MinerClient:
         state["_handle"] = None
         return state
 
-    def select(self, candidates, n: int, rng: np.random.Generator) -> list[int]:
+    def _ask(self, method: str, *args):
+        """The actor's answer to ``method(*args)``, or None after a failure (recorded, cooldown started)."""
+        if not ray.is_initialized():
+            # ray.get_actor would start a local cluster; never do that from here.
+            self.last_error = "Ray is not initialised in this process"
+            return None
+        if time.monotonic() < self._skip_until:
+            return None
+        try:
+            if self._handle is None:
+                self._handle = ray.get_actor(self.name, namespace=self.namespace)
+            return ray.get(getattr(self._handle, method).remote(*args), timeout=self.timeout_s)
+        except (RayError, ValueError) as exc:
+            # RayError covers GetTimeoutError and RayActorError (dead, restarting);
+            # ValueError: ray.get_actor found no actor of that name.
+            self.last_error = repr(exc)
+            if not isinstance(exc, GetTimeoutError):
+                # A dead actor may be re-created under the same name; look it up again.
+                self._handle = None
+            self._skip_until = time.monotonic() + self.cooldown_s
+            return None
+
+    def neighbours(self, class_id: int, k: int) -> np.ndarray | None:
+        """Up to k class ids nearest to `class_id` (best first), or None when the miner did not answer."""
+        got = self._ask("neighbours", int(class_id), int(k))
+        return None if got is None else np.asarray(got[1], dtype=np.int64)
+
+    def select(self, candidates, n: int, rng: np.random.Generator, first: int | None = None,
+               filled: int = 0) -> list[int]:
         """n distinct classes from `candidates`: the miner's greedy pick, else random.
 
         Exactly one `rng.integers` draw seeds the actor call, then a fallback
         draws from the same rng, so the caller's random stream stays reproducible.
+        `first` and `filled`: see `MinerActor.select`.
 
         Returns:
             n distinct class ids from `candidates`.
@@ -167,26 +243,10 @@ class MinerClient:
                 f"MinerClient.select: cannot select n={n} distinct classes from {len(cand)} candidates"
             )
         seed = int(rng.integers(2**63 - 1))
-        if not ray.is_initialized():
-            # ray.get_actor would start a local cluster; never do that from here.
-            self.last_error = "Ray is not initialised in this process"
-        elif time.monotonic() >= self._skip_until:
-            try:
-                if self._handle is None:
-                    self._handle = ray.get_actor(self.name, namespace=self.namespace)
-                version, picked = ray.get(
-                    self._handle.select.remote(cand, n, seed), timeout=self.timeout_s
-                )
-                self.last_version = version
-                return picked
-            except (RayError, ValueError) as exc:
-                # RayError covers GetTimeoutError and RayActorError (dead, restarting);
-                # ValueError: ray.get_actor found no actor of that name.
-                self.last_error = repr(exc)
-                if not isinstance(exc, GetTimeoutError):
-                    # A dead actor may be re-created under the same name; look it up again.
-                    self._handle = None
-                self._skip_until = time.monotonic() + self.cooldown_s
+        got = self._ask("select", cand, n, seed, None if first is None else int(first), int(filled))
+        if got is not None:
+            self.last_version = got[0]
+            return got[1]
         self.fallbacks += 1
         self.last_version = -1
         return rng.choice(cand, size=n, replace=False).tolist()

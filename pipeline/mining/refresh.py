@@ -177,7 +177,7 @@ class Refresher:
         t_embed = time.perf_counter() - t0
         ids, means = class_means(emb, labels, keys, self.per_class)
         miner = ray.get_actor(self.miner_name, namespace=self.namespace)
-        version = ray.get(miner.update.remote(ids, means))
+        version = ray.get(miner.update.remote(ids, means, int(step)))
         return {"version": int(version), "refresh_s": time.perf_counter() - t0, "embed_s": t_embed,
                 "classes": int(len(ids)), "step": int(step)}
 
@@ -271,18 +271,22 @@ class MinerSession:
 
     actors: list
     """Handles of the miner and refresher actors: keep them referenced while training runs."""
-    refresher: str
-    """Name of the refresher actor (the train loop pushes weights to it)."""
+    refresher: str | None
+    """Name of the refresher actor rank 0 pushes weights to (None: the trainers feed the miner, ``pipeline.mining.trainer_side``)."""
     miner: str
     """Name of the miner actor (the stream's ``MinerClient`` asks it for classes)."""
     timeout_s: float
     """Seconds the stream waits for the miner before it draws random classes."""
     max_lead: int
     """Steps the planner may plan ahead of the slowest rank's stream, so selections use recent embeddings."""
+    candidates: str = "random"
+    """``miner.candidates``."""
+    images_per_class: int = 2
+    """M (``batch.images_per_class``): a class is active while it has M unused samples."""
 
-    def loop_settings(self) -> dict:
-        """The train loop's miner settings."""
-        return {"refresher": self.refresher}
+    def loop_settings(self) -> dict | None:
+        """The train loop's miner settings: ``{"refresher": name}`` when rank 0 drives the refresher actor, else None."""
+        return {"refresher": self.refresher} if self.refresher else None
 
     def selector(self, pool_classes: int):
         """A picklable factory of the planner's selector (``pipeline.mining.selector.MinedSelector``), called with the class labels."""
@@ -290,38 +294,55 @@ class MinerSession:
 
         from pipeline.mining.selector import MinedSelector
 
-        return functools.partial(MinedSelector, miner=self.miner, pool_classes=pool_classes, timeout_s=self.timeout_s)
+        return functools.partial(MinedSelector, miner=self.miner, pool_classes=pool_classes, timeout_s=self.timeout_s,
+                                 candidates=self.candidates, images_per_class=self.images_per_class)
 
 
 def start_miner(cfg, uri: str, run_id: str) -> MinerSession:
     """Start the hard negative class miner of a run and fill it with the initial weights.
 
-    Creates the miner actor (``miner-<run_id>``) and the refresher actor
-    (``miner-refresher-<run_id>``), then runs one refresh synchronously with the initial
-    weights (the same every worker starts from), so the first batches are already mined;
-    its wall time is logged as ``mine/refresh_s`` at step 0.
+    Creates the miner actor (``miner-<run_id>``, reserving ``miner.num_gpus``) and, with
+    ``miner.source: exemplars``, the refresher actor (``miner-refresher-<run_id>``), then
+    runs one refresh synchronously with the initial weights (the same every worker starts
+    from; the GPUs are still free, training has not started), so the first batches are
+    already mined; its wall time is logged as ``mine/refresh_s`` at step 0. Later
+    refreshes come from rank 0 through the refresher (``miner.refresh_by: refresher``) or
+    from the training workers (``trainers``, ``pipeline.mining.trainer_side``). With
+    ``source: ema`` the miner starts empty (random selections, counted as
+    ``mine/unembedded``) and fills as the trainers push class means.
 
     The planner plans at most ``max_lead`` = max(16, ``miner.refresh_every``) steps ahead
     of the slowest rank's stream (``data.max_lead`` otherwise): unchecked, Ray Data would
     select the classes of the whole run within seconds, all with the initial embeddings.
 
-    Raises ShardError when there are no class-exemplar shards (``data.exemplars``).
+    Raises ShardError when ``source: exemplars`` finds no class-exemplar shards (``data.exemplars``).
     """
     from pipeline import tracking
-    from pipeline.mining.actor import get_or_create_miner
+    from pipeline.mining.actor import get_or_create_miner, miner_name
     from pipeline.models import initial_state
 
+    name = miner_name(run_id)
+    miner = get_or_create_miner(name, dim=cfg.model.embedding_dim, index=cfg.miner.index,
+                                num_gpus=cfg.miner.num_gpus)
+    session = MinerSession([miner], None, name, cfg.miner.timeout_s, max(16, cfg.miner.refresh_every),
+                           cfg.miner.candidates, cfg.batch.images_per_class)
+    if cfg.miner.source == "ema":
+        print(f"[train] miner {name}: EMA of the trained class means, pushed every {cfg.miner.push_every} steps",
+              flush=True)
+        return session
     exemplars = resolve_exemplars(cfg.data.train, cfg.data.exemplars)
-    name, refresher_name = f"miner-{run_id}", f"miner-refresher-{run_id}"
-    miner = get_or_create_miner(name, dim=cfg.model.embedding_dim, index=cfg.miner.index)
+    refresher_name = f"miner-refresher-{run_id}"
     refresher = get_or_create_refresher(
         refresher_name, name, exemplars, dataclasses.asdict(cfg.model), cfg.data.image_size,
         per_class=cfg.miner.exemplars_per_class, use_gpu=cfg.scaling.use_gpu,
     )
+    session.actors.append(refresher)
+    if cfg.miner.resolved_refresh_by(cfg.scaling.use_gpu) == "refresher":
+        session.refresher = refresher_name
     first = ray.get(refresher.refresh.remote([ray.put(initial_state(cfg))], 0))
     print(f"[train] miner {name}: {first['classes']} classes from {exemplars}, "
-          f"version {first['version']} in {first['refresh_s']:.1f}s", flush=True)
+          f"version {first['version']} in {first['refresh_s']:.1f}s; later refreshes by the "
+          f"{'refresher actor' if session.refresher else 'training workers'}", flush=True)
     tracking.log_metrics(uri, run_id, {"mine/refresh_s": first["refresh_s"],
                                        "mine/refresh_version": first["version"]}, step=0)
-    return MinerSession([miner, refresher], refresher_name, name, cfg.miner.timeout_s,
-                        max(16, cfg.miner.refresh_every))
+    return session

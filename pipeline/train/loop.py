@@ -62,6 +62,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     planner = ray.get_actor(wc.planner)
     done_every = max(1, cfg.data.max_lead // 4)
     telemetry = Telemetry(cfg, rank, world, wc.tracking_uri, wc.run_id, wc.planner, wc.refresher)
+    from pipeline.mining.trainer_side import TrainerMining
+
+    mining = TrainerMining(cfg, wc.run_id, rank, world)  # EMA pushes / trainer-side exemplar refreshes
     if resume is not None:
         telemetry.log(step, {"train/resumed_from_step": step})
     ledger = None
@@ -97,6 +100,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # of the calls (~2 ms of its CPU each).
         if step % done_every == 0 or step == cfg.train.steps:
             planner.done.remote(step - 1, rank)
+        mining.after_step(step, emb, labels, module, batch, telemetry.out)
         if ledger is not None:
             ids = batch["sample_ids"][0].cpu().numpy().astype(np.int64)
             keep = ids >= 0  # -1: a slot the stream filled with a copy of another image, not a sample

@@ -250,3 +250,91 @@ def test_select_and_constructor_reject_bad_input():
         ClassEmbeddingIndex(0)
     with pytest.raises(ValueError, match="n=3"):
         greedy_select(np.eye(2, dtype=np.float32), 3, rng)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_neighbours_match_brute_force_and_leave_the_class_out(kind):
+    rng = np.random.default_rng(6)
+    ids = np.arange(2000) * 2 + 1
+    emb = clustered(rng, 100, 20, 16, 0.3)
+    index = ClassEmbeddingIndex(16, index=kind)
+    index.update(ids, emb)
+    recalls = []
+    for q in rng.choice(2000, 30, replace=False):
+        got = index.neighbours(int(ids[q]), 50)
+        sims = emb @ emb[q]
+        sims[q] = -np.inf
+        want = ids[np.argsort(-sims)[:50]]
+        assert ids[q] not in got and len(set(got.tolist())) == len(got)
+        if kind == "flat":
+            assert got.tolist() == want.tolist()
+        recalls.append(len(set(got.tolist()) & set(want.tolist())) / 50)
+    assert np.mean(recalls) >= (1.0 if kind == "flat" else 0.9), (kind, np.mean(recalls))
+    assert index.neighbours(12345, 5).tolist() == []  # no embedding: no neighbours
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_merge_is_an_ema_of_rows_and_search_follows(kind):
+    rng = np.random.default_rng(7)
+    num, dim = 1000, 16
+    ids = np.arange(num)
+    base = normalised(rng.standard_normal((num, dim)))
+    index = ClassEmbeddingIndex(dim, index=kind)
+    assert index.update(ids, base, step=5) == 1
+    assert index.version_steps == {1: 5.0}
+    table = base.astype(np.float64).copy()
+    steps = np.full(num, 5)
+    for rnd in range(6):
+        changed = rng.choice(num + 50, size=120, replace=False)  # some new classes (ids >= num)
+        new = rng.standard_normal((120, dim))
+        version = index.merge(changed, new, step=10 + rnd, momentum=0.5)
+        assert version == 2 + rnd
+        for cid, vec in zip(changed, normalised(new)):
+            if cid >= len(table):
+                table = np.vstack([table, np.zeros((cid - len(table) + 1, dim))])
+                steps = np.concatenate([steps, np.full(cid - len(steps) + 1, -1)])
+            if steps[cid] >= 0:  # known: the EMA
+                mixed = 0.5 * table[cid] + 0.5 * vec
+                table[cid] = mixed / np.linalg.norm(mixed)
+            else:  # new: as pushed
+                table[cid] = vec
+            steps[cid] = 10 + rnd
+    snap = index.snapshot()
+    rows = snap.rows_of(np.arange(len(table)))
+    known = rows >= 0
+    assert (known == (steps >= 0)).all()  # new classes were added, no other
+    np.testing.assert_allclose(snap.embeddings[rows[known]], table[known], atol=1e-5)
+    assert snap.steps[rows[known]].tolist() == steps[known].tolist()
+    assert index.version_steps[index.version] == pytest.approx(steps[known].mean())
+    # Search sees the merged rows: neighbours against brute force over the merged table.
+    t = table[known]
+    tids = np.flatnonzero(known)
+    recalls = []
+    for q in rng.choice(len(tids), 20, replace=False):
+        sims = t @ t[q]
+        sims[q] = -np.inf
+        want = set(tids[np.argsort(-sims)[:10]].tolist())
+        recalls.append(len(want & set(index.neighbours(int(tids[q]), 10).tolist())) / 10)
+    assert np.mean(recalls) >= (1.0 if kind == "flat" else 0.85), (kind, np.mean(recalls))
+
+
+def test_merge_rejects_bad_input_and_leaves_the_version():
+    index = ClassEmbeddingIndex(4)
+    index.update([1, 2], np.eye(2, 4))
+    with pytest.raises(ValueError, match="momentum"):
+        index.merge([1], np.ones((1, 4)), step=1, momentum=1.0)
+    with pytest.raises(ValueError, match="all zeros"):
+        index.merge([1], np.zeros((1, 4)), step=1)
+    assert index.version == 1
+    assert index.merge([], np.empty((0, 4)), step=3) == 2  # an empty push is a (cheap) new version
+
+
+def test_faiss_stays_on_the_cpu_without_a_reserved_gpu():
+    from pipeline.mining.class_index import faiss_device
+
+    assert faiss_device([]) is None  # the actor reserved no GPU: CPU, whatever FAISS sees
+    # This machine's FAISS has no GPU support: a reserved GPU cannot be used either.
+    assert faiss_device(["0"]) is None
+    index = ClassEmbeddingIndex(4, device=faiss_device([]))
+    index.update([1, 2, 3], np.eye(3, 4))
+    assert index.snapshot().index is None and index.neighbours(1, 2).tolist() in ([2, 3], [3, 2])
