@@ -15,22 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.e2e.conftest import REGISTERED
 from tests.e2e.jobs import run_job
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 6
-REGISTERED = "e2e-faces"
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_shards, tmp_path_factory):
-    work = tmp_path_factory.mktemp("use")
-    out = run_job(["jobs.train", "--config", str(ROOT / "configs/quickstart.yaml"),
-                f"data.train={tiny_shards}/train", f"data.eval={tiny_shards}/holdout", "data.image_size=32",
-                f"train.steps={STEPS}", "train.log_every=2", "batch.classes_per_batch=4",
-                f"tracking.register_model={REGISTERED}", "train.run_name=use"], cwd=work)
-    return work, out
+def trained(use_run):
+    """The shared short training run (tests/e2e/conftest.py; tests/e2e/test_learning.py reads it too)."""
+    return use_run
 
 
 def _holdout_images(shards: Path) -> dict[str, bytes]:
