@@ -82,7 +82,7 @@ def test_config_names_resolve_from_the_shipped_configs(name, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)  # no configs/ here
     path = find_config(name)
     assert path.is_file() and path.parent.name == "configs" and path.stem == Path(name).stem.split(".")[0]
-    assert load_config(name).model.backbone == "tiny"
+    assert load_config(name).model.backbone == "small"
 
 
 def test_an_unknown_config_names_the_shipped_ones(tmp_path, monkeypatch):

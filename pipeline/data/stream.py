@@ -129,7 +129,7 @@ class FetchDecode:
             return out
 
     def _augment(self, ids: np.ndarray, step: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """``decode_into``'s ``(flip, shift)`` for ``data.augment`` (``pipeline.data.decode.AUGMENTS``)."""
+        """``decode_into``'s ``(flip, shift)`` for ``data.augment`` (none, flip, crop, flip_crop; ``pipeline.config``)."""
         # A hash of (seed, step, sample id): the same flips and shifts when a step is redone after
         # a resume, fresh ones when a sample comes back in a later pass.
         if self.augment == "none":

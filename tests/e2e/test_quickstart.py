@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.conftest import QS_STEPS
+from tests.e2e.conftest import QS_EVERY, QS_STEPS
 from tests.e2e.jobs import run_job
 from tests.sockets import is_loopback, listening_of, session_pids
 
 pytestmark = pytest.mark.e2e
 STEPS = QS_STEPS
+INTERVALS = list(range(QS_EVERY, QS_STEPS + 1, QS_EVERY))  # 25, 50, 75, 100
 
 
 
@@ -44,10 +45,10 @@ def test_train_reports_metrics_and_tracks_the_run(trained):
     assert run.data.params["train.steps"] == str(STEPS) and run.data.params["loss.name"] == "npair_mc"
     assert run.data.tags["loss"] == "npair_mc" and run.data.tags["world_size"] == "2"
     history = client.get_metric_history(out["run_id"], "train/loss")
-    assert sorted(h.step for h in history) == [2, 4, 6]  # the mean of each log interval (log_every=2)
+    assert sorted(h.step for h in history) == INTERVALS  # the mean of each log interval
     assert all(h.value > 0 for h in history)
     lr = client.get_metric_history(out["run_id"], "train/lr")
-    assert sorted(h.step for h in lr) == [2, 4, 6] and all(h.value == pytest.approx(1e-3) for h in lr)
+    assert sorted(h.step for h in lr) == INTERVALS and all(h.value == pytest.approx(1e-3) for h in lr)
     assert run.data.metrics["recall_at_1"] == pytest.approx(m["recall@1"])
 
     arts = {a.path for a in client.list_artifacts(out["run_id"])}
@@ -59,7 +60,7 @@ def test_train_reports_metrics_and_tracks_the_run(trained):
 
 
 def test_evaluations_during_training_pick_the_best_checkpoint(trained):
-    """eval.every=2: recall_at_1 at steps 2, 4, 6; the run's model and final metrics are the best step's."""
+    """eval.every=25: recall_at_1 at steps 25, 50, 75, 100; the run's model and final metrics are the best step's."""
     from mlflow.tracking import MlflowClient
 
     work, out = trained
@@ -67,7 +68,7 @@ def test_evaluations_during_training_pick_the_best_checkpoint(trained):
     history = client.get_metric_history(out["run_id"], "recall_at_1")
     during = {h.step: h.value for h in history if h.step < STEPS}
     last = sorted((h for h in history if h.step == STEPS), key=lambda h: h.timestamp)
-    assert sorted(during) == [2, 4] and len(last) == 2  # step 6: its evaluation, then the final metrics
+    assert sorted(during) == INTERVALS[:-1] and len(last) == 2  # the last step: its evaluation, then the final metrics
     during[STEPS] = last[0].value
     best_step = max(during, key=lambda s: (during[s], s))  # ties: the later step, as the driver picks
     m = out["metrics"]
@@ -75,7 +76,7 @@ def test_evaluations_during_training_pick_the_best_checkpoint(trained):
     # The held-out set (160 images) is smaller than eval.max_images, so the end-of-run evaluation (Ray
     # Data, all of data.eval) sees the same images as the one during training: the same Recall@1.
     assert m["recall@1"] == pytest.approx(during[best_step], abs=1.5 / 160)
-    assert [h.step for h in client.get_metric_history(out["run_id"], "eval/seconds")] == [2, 4, 6]
+    assert [h.step for h in client.get_metric_history(out["run_id"], "eval/seconds")] == INTERVALS
     # The logged checkpoint and model are the best step's.
     ckpt = client.download_artifacts(out["run_id"], "checkpoint/model.pt", str(work / "best"))
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["step"] == best_step

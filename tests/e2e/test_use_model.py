@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def trained(quickstart_run):
+    """The shared short training run (tests/e2e/conftest.py; test_quickstart.py and test_learning.py read it too)."""
     return quickstart_run
 
 

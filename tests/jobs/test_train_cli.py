@@ -19,6 +19,7 @@ FIXED_KEYS = {
     "train.optimizer": ("adamw", "adam"),
     "miner.index": ("hnsww", "hnsw"),
     "data.class_sampling": ("proportionel", "proportional"),
+    "data.augment": ("flips", "flip"),
     "train.precision": ("bf61", "bf16"),
     "train.lr_schedule": ("cosin", "cosine"),
 }
