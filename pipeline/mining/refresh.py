@@ -284,10 +284,6 @@ class MinerSession:
     images_per_class: int = 2
     """M (``batch.images_per_class``): a class is active while it has M unused samples."""
 
-    def loop_settings(self) -> dict | None:
-        """The train loop's miner settings: ``{"refresher": name}`` when rank 0 drives the refresher actor, else None."""
-        return {"refresher": self.refresher} if self.refresher else None
-
     def selector(self, pool_classes: int):
         """A picklable factory of the planner's selector (``pipeline.mining.selector.MinedSelector``), called with the class labels."""
         import functools
