@@ -28,6 +28,22 @@ from pipeline.data.manifest import ShardError, list_shards
 from pipeline.data.reader import iter_samples
 
 
+def embed_images(module: torch.nn.Module, images: np.ndarray, device, batch_size: int = 128) -> np.ndarray:
+    """(n, d) float32 embeddings of uint8 NHWC ``images`` under ``module`` in eval mode, without
+    gradients; the module's train/eval mode is restored afterwards. Call it on the unwrapped
+    module: a DDP forward is a collective, and only this rank makes it."""
+    was_training = module.training
+    module.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for lo in range(0, len(images), batch_size):
+                out.append(module(torch.from_numpy(images[lo:lo + batch_size]).to(device)).float().cpu().numpy())
+    finally:
+        module.train(was_training)
+    return np.concatenate(out).astype(np.float32) if out else np.empty((0, 0), np.float32)
+
+
 class HeldOutSet:
     """Up to ``max_images`` decoded images and labels of the shards at ``spec``.
 
@@ -74,19 +90,8 @@ class HeldOutSet:
         return int(len(np.unique(self.labels)))
 
     def embed(self, module: torch.nn.Module, device: torch.device, batch_size: int = 128) -> np.ndarray:
-        """The (n, d) float32 embeddings of the set under ``module`` in eval mode; the module's
-        train/eval mode is restored afterwards."""
-        was_training = module.training
-        module.eval()
-        out = []
-        try:
-            with torch.inference_mode():
-                for lo in range(0, len(self.labels), batch_size):
-                    x = torch.from_numpy(self.images[lo:lo + batch_size]).to(device)
-                    out.append(module(x).float().cpu().numpy())
-        finally:
-            module.train(was_training)
-        return np.concatenate(out).astype(np.float32)
+        """The (n, d) float32 embeddings of the set under ``module`` in eval mode (:func:`embed_images`)."""
+        return embed_images(module, self.images, device, batch_size)
 
     def evaluate(self, module: torch.nn.Module, device: torch.device, ks=(1, 2, 4, 8), batch_size: int = 128,
                  seed: int = 0) -> dict[str, float]:

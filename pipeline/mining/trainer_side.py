@@ -52,21 +52,11 @@ def trainer_mode(cfg) -> str | None:
 
 
 def embed_in_eval_mode(module: torch.nn.Module, images: np.ndarray, device, batch_size: int = 256) -> np.ndarray:
-    """(n, d) float32 embeddings of uint8 NHWC ``images`` in eval mode under no_grad; the module's mode is restored.
+    """(n, d) float32 embeddings of uint8 NHWC ``images`` in eval mode under no_grad; the module's mode is restored
+    (``pipeline.eval.heldout.embed_images``, which the evaluations during training use too)."""
+    from pipeline.eval.heldout import embed_images
 
-    Call it on the unwrapped module: a DDP forward is a collective and only this rank makes it.
-    """
-    was_training = module.training
-    module.eval()
-    out = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                x = torch.from_numpy(images[i : i + batch_size]).to(device)
-                out.append(module(x).float().cpu().numpy())
-    finally:
-        module.train(was_training)
-    return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+    return embed_images(module, images, device, batch_size)
 
 
 def load_exemplar_share(spec: str, rank: int, world: int, per_class: int = 0) -> tuple[list[bytes], np.ndarray]:
