@@ -22,6 +22,10 @@ FIXED_KEYS = {
     "data.augment": ("flips", "flip"),
     "train.precision": ("bf61", "bf16"),
     "train.lr_schedule": ("cosin", "cosine"),
+    "data.decode_device": ("gpu", "cpu"),
+    "miner.candidates": ("kn", "knn"),
+    "miner.source": ("emma", "ema"),
+    "miner.refresh_by": ("trainer", "trainers"),
 }
 
 
