@@ -100,6 +100,20 @@ SPLIT_OF_KEY = {"data.train": "train", "data.eval": "holdout", "eval.data": "hol
 """The split each config key must stay within."""
 
 
+def iter_labelled(paths: list[str], fs=None):
+    """``(key, class id, JPEG bytes)`` of every sample of the shards ``paths`` (from :func:`list_shards`),
+    in order; ``(key, None, None)`` for a sample without a readable ``.jpg`` and ``.cls`` (the caller counts or skips it)."""
+    from pipeline.data.reader import iter_samples
+
+    for path in paths:
+        with (fs.open_input_stream(path) if fs is not None else open(path, "rb")) as f:
+            for key, parts in iter_samples(f, path):
+                if parts is None or "jpg" not in parts or "cls" not in parts:
+                    yield key, None, None
+                else:
+                    yield key, int(parts["cls"].decode()), parts["jpg"]
+
+
 def absolute_spec(spec: str) -> str:
     """``spec`` with a local path (directory, file or glob) made absolute; URIs and "" as given.
 

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.data.decode import decode_images
-from pipeline.data.manifest import ShardError, list_shards
-from pipeline.data.reader import iter_samples
+from pipeline.data.manifest import ShardError, iter_labelled, list_shards
 
 
 def embed_images(module: torch.nn.Module, images: np.ndarray, device, batch_size: int = 128) -> np.ndarray:
@@ -57,18 +56,13 @@ class HeldOutSet:
         paths, fs = list_shards(spec)
         order = np.random.default_rng(seed).permutation(len(paths))
         jpgs, labels, keys, self.skipped = [], [], [], 0
-        for i in order:
-            opener = fs.open_input_stream if fs is not None else (lambda p: open(p, "rb"))
-            with opener(paths[i]) as f:
-                for key, parts in iter_samples(f, paths[i]):
-                    if parts is None or "jpg" not in parts or "cls" not in parts:
-                        self.skipped += 1
-                        continue
-                    jpgs.append(parts["jpg"])
-                    labels.append(int(parts["cls"].decode()))
-                    keys.append(key.rsplit("/", 1)[-1])
-                    if len(jpgs) >= max_images:
-                        break
+        for key, label, jpg in iter_labelled([paths[i] for i in order], fs):
+            if label is None:
+                self.skipped += 1
+                continue
+            jpgs.append(jpg)
+            labels.append(label)
+            keys.append(key.rsplit("/", 1)[-1])
             if len(jpgs) >= max_images:
                 break
         images, ok = decode_images(jpgs, image_size)

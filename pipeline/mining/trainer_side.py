@@ -71,17 +71,10 @@ def load_exemplar_share(spec: str, rank: int, world: int, per_class: int = 0) ->
     Raises:
         ShardError: no exemplar shards at ``spec``.
     """
-    from pipeline.data.manifest import list_shards
-    from pipeline.data.reader import iter_samples
+    from pipeline.data.manifest import iter_labelled, list_shards
 
-    paths, fs = list_shards(spec)
-    samples = []
-    for path in paths:
-        with (fs.open_input_file(path) if fs is not None else open(path, "rb")) as f:
-            for key, parts in iter_samples(f, path):
-                if parts is None or "jpg" not in parts or "cls" not in parts:
-                    continue  # the refresh only needs what is readable; bad input is counted on the train path
-                samples.append((int(parts["cls"].decode()), key, parts["jpg"]))
+    # The refresh only needs what is readable; bad input is counted on the train path.
+    samples = [(label, key, jpg) for key, label, jpg in iter_labelled(*list_shards(spec)) if label is not None]
     classes = np.unique(np.asarray([s[0] for s in samples], dtype=np.int64))
     mine = set(classes[rank::world].tolist())
     samples = sorted((s for s in samples if s[0] in mine), key=lambda s: (s[0], s[1]))
