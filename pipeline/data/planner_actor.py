@@ -43,9 +43,11 @@ class PlannerActor:
 
     ``selector``: None (``sampling`` picks uniform or proportional), or a picklable factory
     called with the kept classes' labels that returns a planner selector (the miner's,
-    ``pipeline.mining.selector``). ``random_every`` > 0: every that many steps rank 0's slice
-    also carries a *side* batch of the same shape, N/W classes drawn uniformly with M
-    samples each, not consumed (its own rng), to measure how much harder the planned batch is.
+    ``pipeline.mining.selector``). ``random_every`` > 0: every that many steps every rank's slice
+    also carries its share of a *side* batch of the same shape as the plan: N classes drawn
+    uniformly (the same draw on every rank, from its own rng; rank r gets classes
+    ``r*N/W .. (r+1)*N/W - 1``) with M samples each, not consumed. Gathered across ranks next
+    to the trained global batch, it measures how much harder the planned batch is.
     ``max_passes`` > 0 (``data.epochs``): slices past that many passes are answered ``end``.
     """
 
@@ -162,8 +164,8 @@ class PlannerActor:
             # get, not pop: a fetch actor that asked ahead may drop the part and ask again
             # (the entries go when every rank has taken the step, in done()).
             out.update(self.selected.get(step, {}))
-            if self.random_every and step % self.random_every == 0:
-                out["side_ids"], out["side_labels"] = self._side(step, len(part.sample_ids))
+        if self.random_every and step % self.random_every == 0:
+            out["side_ids"], out["side_labels"] = self._side(step, rank)
         return out
 
     async def slices(self, steps: list[int], rank: int, wait_s: float = 10.0) -> list[dict]:
@@ -181,13 +183,16 @@ class PlannerActor:
                 break
         return out
 
-    def _side(self, step: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    def _side(self, step: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rank ``rank``'s share ``(sample ids, labels)`` of step ``step``'s random side batch: the
+        global draw (N classes x M samples) is the same on every rank, each keeps its N/W classes."""
         labels, starts, counts = self.ranges
-        m = self.args["images_per_class"]
+        m, n, w = self.args["images_per_class"], self.args["classes_per_batch"], self.args["world_size"]
         rng = np.random.default_rng([self.args["seed"], step, 0x51DE])
-        classes = rng.choice(len(labels), size=size // m, replace=False)
+        classes = rng.choice(len(labels), size=n, replace=False)
         ids = np.concatenate([starts[c] + rng.choice(counts[c], size=m, replace=False) for c in classes])
-        return ids.astype(np.int64), np.repeat(labels[classes], m).astype(np.int64)
+        own = np.s_[rank * (n // w) * m:(rank + 1) * (n // w) * m]
+        return ids[own].astype(np.int64), np.repeat(labels[classes], m)[own].astype(np.int64)
 
     async def done(self, step: int, rank: int) -> None:
         """Rank ``rank`` has trained every step up to ``step`` (its stream made its last ``replace``

@@ -29,7 +29,8 @@ int64: the bad samples this slice replaced, per reason.
 With the miner on, every row also carries ``select_ms``, ``miner_version`` and ``fallbacks``
 (the planner's selection of that step; rank 0's rows, -1/0 elsewhere) and a random side
 batch ``rand_images`` / ``rand_labels`` with ``has_rand`` (every ``random_every``-th step,
-rank 0: N/W uniformly drawn classes, not consumed), for ``mine/random_*`` metrics.
+every rank: its N/W classes of one uniform draw of N, not consumed), for ``mine/random_*``
+metrics on the gathered global batch.
 
 Bad input: a sample whose bytes cannot be read, lack JPEG markers or do not decode is
 reported to the planner, which counts it and hands back another unused sample of the same

@@ -67,7 +67,7 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, cross_rank: boo
     if not is_cross_rank_active(cross_rank):
         return GlobalBatch(embeddings, labels, slice(0, n), 1)
     world, rank = dist.get_world_size(), dist.get_rank()
-    sizes = _all_gather_no_grad(torch.tensor([n, embeddings.shape[1]], device=embeddings.device))
+    sizes = all_gather_rows(torch.tensor([n, embeddings.shape[1]], device=embeddings.device))
     if not bool((sizes.view(world, 2) == sizes[:2]).all()):
         raise ValueError(
             f"cross_rank loss needs the same batch shape on every rank, got (rows, dim) per rank "
@@ -75,13 +75,14 @@ def gather_batch(embeddings: torch.Tensor, labels: torch.Tensor, cross_rank: boo
         )
     return GlobalBatch(
         embeddings=_AllGatherWithGrad.apply(embeddings),
-        labels=_all_gather_no_grad(labels),
+        labels=all_gather_rows(labels),
         own=slice(rank * n, (rank + 1) * n),
         world_size=world,
     )
 
 
-def _all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0 in rank order, without autograd (a collective)."""
     # The list form: all_gather_into_tensor warns as deprecated on every call in torch 2.14.
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
@@ -100,7 +101,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - autograd hook
         ctx.rows = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
-        return _all_gather_no_grad(x)
+        return all_gather_rows(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102 - autograd hook

@@ -4,12 +4,16 @@ Every rank keeps the timers (its ``ray.train.report`` carries its own throughput
 data-wait fraction); only rank 0 logs to MLflow (through ``pipeline.tracking.MetricBuffer``,
 which never blocks a step) and prints a progress line per log interval.
 
-Mining metrics (rank 0, per step, ``mine/*``; none when mining is off): the hardness of
-rank 0's slice (``pipeline.mining.hardness``, from the embeddings already computed, under
-no_grad); the planner's selection info (time, fallbacks, index version); the same
-hardness of the random side slice when the row carries one; and the asynchronous refreshes
-(``pipeline.mining.refresh.AsyncRefresh``) that rank 0 starts every
-``miner.refresh_every`` steps without waiting for them.
+Mining metrics (``mine/*``; none when mining is off), logged by rank 0: per step, the
+planner's selection info (time, fallbacks, index version) and the asynchronous refreshes
+(``pipeline.mining.refresh.AsyncRefresh``) that rank 0 starts every ``miner.refresh_every``
+steps without waiting for them; on the steps whose rows carry the random side batch (every
+10th), the hardness (``pipeline.mining.hardness``) of the *gathered global batch*, mined
+(``mine/<k>``: the embeddings the step already computed) and random (``mine/random_<k>``:
+each rank embeds its share of the side batch under no_grad), side by side. The mined group
+of a step spans every rank's slice and is trained in one cross-rank loss: measured on one
+rank's slice, it would look less hard than it is. The gather is one all_gather of
+(B, 2d + 2) per sampled step, which every rank makes.
 """
 
 from __future__ import annotations
@@ -36,29 +40,47 @@ def side_embeddings(module: torch.nn.Module, images: torch.Tensor) -> torch.Tens
         return functional_call(module, state, (images,))
 
 
-def mining_metrics(batch: dict, emb: torch.Tensor, labels: torch.Tensor, module: torch.nn.Module,
-                   size: int = 0) -> dict:
-    """Rank 0's per-step ``mine/*`` metrics of one batch (see the module docstring); ``size``: the
-    image side, to decode a side batch that came as JPEG bytes (``data.decode_device: cuda``)."""
+def selection_metrics(batch: dict) -> dict:
+    """Rank 0's per-step ``mine/*`` figures of the planner's selection (time, fallbacks, index version)."""
+    if "miner_version" not in batch:
+        return {}
+    return {"mine/select_ms": float(batch["select_ms"][0]), "mine/fallbacks": float(batch["fallbacks"][0]),
+            "mine/index_version": float(batch["miner_version"][0])}
+
+
+def global_hardness(batch: dict, emb: torch.Tensor, labels: torch.Tensor, module: torch.nn.Module,
+                    size: int = 0) -> dict:
+    """``mine/<k>`` and ``mine/random_<k>``: hardness of the gathered trained batch and of the
+    gathered random side batch (see the module docstring); {} on ranks other than 0.
+
+    Every rank calls it at the steps whose row carries the side batch (``has_rand``: the same
+    steps on every rank); it runs a collective when ``torch.distributed`` is initialised with
+    more than one rank. ``size``: the image side, to decode a side batch that came as JPEG
+    bytes (``data.decode_device: cuda``).
+    """
+    import torch.distributed as dist
+
+    from pipeline.losses.distributed import all_gather_rows, is_cross_rank_active
     from pipeline.mining.hardness import batch_hardness
 
-    # NaN (a rank batch of one class has no negative) is left out rather than logged.
-    out = {f"mine/{k}": v for k, v in batch_hardness(emb.detach(), labels).items() if v == v}
-    if "miner_version" in batch:
-        out["mine/select_ms"] = float(batch["select_ms"][0])
-        out["mine/fallbacks"] = float(batch["fallbacks"][0])
-        out["mine/index_version"] = float(batch["miner_version"][0])
-        if bool(batch["has_rand"][0]):
-            if "rand_jpeg" in batch:
-                from pipeline.data.decode import decode_batch
+    if "rand_jpeg" in batch:
+        from pipeline.data.decode import decode_batch
 
-                rand_images, _ = decode_batch(batch["rand_jpeg"][0], batch["rand_jpeg_offsets"][0], None, size,
-                                              emb.device)
-            else:
-                rand_images = batch["rand_images"][0].to(emb.device)
-            rand_emb = side_embeddings(module, rand_images)
-            rand = batch_hardness(rand_emb, batch["rand_labels"][0].to(emb.device))
-            out.update({f"mine/random_{k}": v for k, v in rand.items() if v == v})
+        rand_images, _ = decode_batch(batch["rand_jpeg"][0], batch["rand_jpeg_offsets"][0], None, size, emb.device)
+    else:
+        rand_images = batch["rand_images"][0].to(emb.device)
+    rand_emb = side_embeddings(module, rand_images)
+    rows = torch.cat([emb.detach().float(), rand_emb.float()], 1)
+    ids = torch.stack([labels.to(emb.device), batch["rand_labels"][0].to(emb.device)], 1)
+    if is_cross_rank_active(True):
+        rows, ids = all_gather_rows(rows), all_gather_rows(ids)
+        if dist.get_rank() != 0:
+            return {}
+    d = emb.shape[1]
+    out = {}
+    # NaN (a batch of one class has no negative) is left out rather than logged.
+    for prefix, z, y in (("mine/", rows[:, :d], ids[:, 0]), ("mine/random_", rows[:, d:], ids[:, 1])):
+        out.update({f"{prefix}{k}": v for k, v in batch_hardness(z, y).items() if v == v})
     return out
 
 
@@ -99,11 +121,15 @@ class Telemetry:
                    module: torch.nn.Module) -> None:
         """Per-step metrics of rank 0: mining (when on), refresh requests, the data report at log steps."""
         self.n_steps += 1
-        if self.out is None:
-            return
         cfg = self.cfg
         t0 = time.perf_counter()
-        row = mining_metrics(batch, emb.float(), labels, module, cfg.data.image_size) if cfg.miner.enabled else {}
+        row = {}
+        if cfg.miner.enabled and bool(batch.get("has_rand", [False])[0]):
+            row = global_hardness(batch, emb, labels, module, cfg.data.image_size)  # a collective: every rank
+        if self.out is None:
+            return
+        if cfg.miner.enabled:
+            row.update(selection_metrics(batch))
         if self.refresher is not None:
             done = self.refresher.poll()
             if done is not None:

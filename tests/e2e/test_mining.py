@@ -84,8 +84,11 @@ def test_train_with_miner_logs_mining_metrics_and_survives_a_miner_kill(tiny_sha
         h = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
         return np.array([m.step for m in h]), np.array([m.value for m in h])
 
+    # Hardness is measured on the gathered global batch at the steps that carry a random side
+    # batch: plan steps 0, 10, 20, ... (logged after training them: 1, 11, 21, ...).
+    sampled = [s for s in range(1, STEPS + 1) if (s - 1) % 10 == 0]
     steps, hard = hist("mine/hardest_neg_sim_mean")
-    assert steps.tolist() == list(range(1, STEPS + 1)) and ((-1 <= hard) & (hard <= 1)).all()
+    assert steps.tolist() == sampled and ((-1 <= hard) & (hard <= 1)).all()
     _, viol = hist("mine/violation_frac")
     assert ((0 <= viol) & (viol <= 1)).all()
     v_steps, version = hist("mine/index_version")
@@ -109,9 +112,8 @@ def test_train_with_miner_logs_mining_metrics_and_survives_a_miner_kill(tiny_sha
     ref_steps, refresh_s = hist("mine/refresh_s")
     assert ref_steps[0] == 0 and len(refresh_s) >= 2 and (refresh_s > 0).all()
     rand_steps, rand_hard = hist("mine/random_hardest_neg_sim_mean")
-    assert 1 <= len(rand_steps) < STEPS  # only sampled steps carry a random side batch
     assert ((-1 <= rand_hard) & (rand_hard <= 1)).all()
     # Every sampled step has both the mined and the random figure. Whether mined batches are
     # harder on average is a measurement over many steps (bench/mining_effect.py, BENCHMARKS.md),
-    # not a property a short run on 8 sampled steps can assert.
-    assert set(rand_steps.tolist()) <= set(steps.tolist())
+    # not a property a short run on a few sampled steps can assert.
+    assert rand_steps.tolist() == sampled
