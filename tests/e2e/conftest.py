@@ -1,7 +1,8 @@
 """The one short quickstart run that several e2e modules inspect (a Ray Train run costs ~50 s here).
 
 test_quickstart.py (metrics, MLflow, evaluations during training, jobs.evaluate), test_use_model.py
-(the logged model, jobs.embed / jobs.search) and test_learning.py (it learns) all read it.
+(the logged model, jobs.embed / jobs.search), test_learning.py (it learns) and test_planned_batches.py
+(its sample ledger: every planned global batch trained whole, 2 ranks) all read it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def quickstart_run(tiny_shards, tmp_path_factory):
     out = run_job(["jobs.train", "--config", str(Path(__file__).parents[2] / "configs/quickstart.yaml"),
                    f"data.train={tiny_shards}/train", f"data.eval={tiny_shards}/holdout", "data.image_size=32",
                    f"train.steps={QS_STEPS}", f"train.log_every={QS_EVERY}", f"eval.every={QS_EVERY}",
-                   "batch.classes_per_batch=4", f"tracking.register_model={REGISTERED}", "train.run_name=e2e"],
+                   "batch.classes_per_batch=4", f"tracking.register_model={REGISTERED}", "train.run_name=e2e",
+                   f"train.sample_ledger={work / 'ledger'}"],  # test_planned_batches.py audits it
                   cwd=work, timeout=900)  # under load average 50+ here a 600 s limit was not enough
     return work, out

@@ -1,4 +1,4 @@
-"""End to end: jobs.train with 2 and 4 DDP workers trains every planned global batch whole.
+"""End to end: jobs.train with 4 DDP workers (and the shared 2-worker quickstart run) trains every planned global batch whole.
 
 From the sample ledger (``train.sample_ledger``: every rank's steps, sample ids, labels,
 pass) and an in-process BatchPlanner with the run's arguments (the reference): at every
@@ -17,17 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import QS_STEPS
+
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parents[2]
 STEPS, M = 25, 2
 
 
-@pytest.mark.parametrize("workers", [2, 4])
+@pytest.mark.parametrize("workers", [4])
 def test_every_step_trains_the_planned_global_batch(workers, tiny_shards, tmp_path):
-    from pipeline.data.index import class_ranges, load_index
-    from pipeline.data.planner import BatchPlanner
-    from pipeline.train.ledger import audit
-
+    """4 ranks here; the shared quickstart run (2 ranks) is checked the same way below."""
     n = 2 * workers  # N classes per global batch: 2 per rank
     env = dict(os.environ, RAY_DEDUP_LOGS="0", PYTHONPATH=str(ROOT))
     env.pop("RAY_ADDRESS", None)
@@ -38,18 +37,33 @@ def test_every_step_trains_the_planned_global_batch(workers, tiny_shards, tmp_pa
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     json.loads(p.stdout.strip().splitlines()[-1])
+    assert_planned(tmp_path / "ledger", tiny_shards, n, workers, seed=5, steps=STEPS)
 
-    out = audit(tmp_path / "ledger")
-    assert out["steps_per_rank"] == {r: list(range(1, STEPS + 1)) for r in range(workers)}
+
+def test_the_shared_quickstart_run_trains_every_planned_global_batch(quickstart_run, tiny_shards):
+    """The 2-rank case, on the run that test_quickstart.py inspects (N = 4, seed 0): no Ray Train run of its own."""
+    work, _ = quickstart_run
+    assert_planned(work / "ledger", tiny_shards, n=4, workers=2, seed=0, steps=QS_STEPS)
+
+
+def assert_planned(ledger: Path, shards: Path, n: int, workers: int, seed: int, steps: int) -> None:
+    """The ledger of a run with ``n`` classes per step over ``workers`` ranks against an
+    in-process BatchPlanner with the run's arguments (see the module docstring)."""
+    from pipeline.data.index import class_ranges, load_index
+    from pipeline.data.planner import BatchPlanner
+    from pipeline.train.ledger import audit
+
+    out = audit(ledger)
+    assert out["steps_per_rank"] == {r: list(range(1, steps + 1)) for r in range(workers)}
     assert out["duplicates"] == {}
-    ids, starts, counts = class_ranges(load_index(str(tiny_shards), "train"))
-    ref = BatchPlanner(ids, starts, counts, classes_per_batch=n, images_per_class=M, world_size=workers, seed=5,
-                       max_lead=STEPS)
+    ids, starts, counts = class_ranges(load_index(str(shards), "train"))
+    ref = BatchPlanner(ids, starts, counts, classes_per_batch=n, images_per_class=M, world_size=workers, seed=seed,
+                       max_lead=steps)
     by_step: dict[int, dict[int, dict]] = {}
     for line in out["kept"]:
         by_step.setdefault(line["step"], {})[line["rank"]] = line
     pass0: list[int] = []
-    for step in range(1, STEPS + 1):
+    for step in range(1, steps + 1):
         plan = ref.plan(step - 1)
         ranks = [by_step[step][r] for r in range(workers)]
         classes = [set(r["labels"]) for r in ranks]
