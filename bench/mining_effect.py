@@ -65,16 +65,26 @@ ARMS = {
     "knn": ["miner.enabled=true", "miner.candidates=knn"],
     "ema": ["miner.enabled=true", "miner.source=ema"],
     "knn_ema": ["miner.enabled=true", "miner.candidates=knn", "miner.source=ema"],
+    "trainers": ["miner.enabled=true", "miner.refresh_by=trainers"],
 }
 """The runs compared per seed: ``random`` batches, and mining with Sohn's random candidate set
-(``mined``), FAISS nearest neighbours of a seed class (``knn``), EMA class embeddings (``ema``)."""
+(``mined``: exemplars embedded by the refresher actor's Ray Data tasks, as ``refresh_by: auto``
+does on CPUs), FAISS nearest neighbours of a seed class (``knn``), EMA class embeddings
+(``ema``), exemplars embedded by the training workers (``trainers``, as on a full GPU cluster)."""
 
 
 def recall_at(uri: str, run_id: str, metric: str, steps: list[int]) -> dict[int, float]:
-    """``metric``'s in-training values at ``steps`` (logged by ``eval.every``); raises when one is missing."""
+    """``metric``'s in-training values at ``steps`` (logged by ``eval.every``); raises when one is missing.
+
+    The last step has two: the evaluation during training (on up to ``eval.max_images``
+    held-out images, like every other step's) and, logged after it, the end-of-run
+    evaluation on all of ``data.eval``; the first is taken, so that every step is measured
+    on the same images."""
     from mlflow.tracking import MlflowClient
 
-    hist = {m.step: m.value for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, metric)}
+    hist: dict[int, float] = {}
+    for m in sorted(MlflowClient(tracking_uri=uri).get_metric_history(run_id, metric), key=lambda m: m.timestamp):
+        hist.setdefault(m.step, m.value)
     missing = [s for s in steps if s not in hist]
     if missing:
         raise SystemExit(f"run {run_id}: {metric} was not logged at steps {missing} (logged: {sorted(hist)})")

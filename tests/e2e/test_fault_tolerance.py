@@ -8,7 +8,9 @@ MLflow in a SQLite file), observed through the sample ledger (``train.sample_led
    Train restarts the worker group, which resumes from the latest registered checkpoint.
 2. Once the restarted group has a registered checkpoint past its start and trained a few
    steps beyond, the test stops the whole job with SIGTERM (a preempted head, ``ray job
-   stop``): its MLflow run ends KILLED.
+   stop``): its MLflow run ends KILLED, not RUNNING. Until then, about once a second, the
+   test reads which TCP ports the job's processes listen on (its local Ray instance: GCS,
+   raylet, agents, train and Ray Data workers, actors): loopback only.
 3. The same command is run again: it resumes from the latest checkpoint, in the same MLflow
    run, and finishes.
 
@@ -33,11 +35,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.sockets import is_loopback, listening_of, session_pids
 
 pytestmark = pytest.mark.e2e
 STEPS = 120
@@ -107,12 +112,30 @@ def _wait_for(pred, proc: subprocess.Popen, what: str, log: Path, timeout_s: flo
     raise AssertionError(f"timed out waiting for {what}")
 
 
+class _PortWatch(threading.Thread):
+    """Adds to ``ports``, about once a second until stopped, the ``(address, port, process name)``
+    that the processes of ``pid``'s session listen on. A thread: reading /proc for every process
+    takes long enough under load to delay the kill and the SIGTERM past the end of the run."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.ports, self.stop = pid, set(), threading.Event()
+
+    def run(self):
+        while not self.stop.wait(1.0):
+            self.ports |= set(listening_of(session_pids({self.pid})))
+
+
 @pytest.fixture(scope="module")
 def scenario(tiny_shards, tmp_path_factory):
     work = tmp_path_factory.mktemp("ft")
     ledger = work / "ledger"
     log1 = open(work / "job1.log", "w")
-    job = subprocess.Popen(_command(tiny_shards, work), cwd=work, env=_env(), stdout=log1, stderr=subprocess.STDOUT)
+    # Its own session: Ray's daemons (GCS, raylet) leave the job's process tree but stay in its session.
+    job = subprocess.Popen(_command(tiny_shards, work), cwd=work, env=_env(), stdout=log1, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    watch = _PortWatch(job.pid)
+    watch.start()
     try:
         # 1. SIGKILL rank 1 a few steps after a registered checkpoint.
         def rank1_past_a_registered_checkpoint():
@@ -132,14 +155,21 @@ def scenario(tiny_shards, tmp_path_factory):
 
         second_ckpt, _ = _wait_for(restarted_group_past_a_checkpoint, job,
                                    "the restarted worker group to pass a registered checkpoint", work / "job1.log")
+        watch.stop.set()
         job.send_signal(signal.SIGTERM)
         job.wait(timeout=180)
     finally:
+        watch.stop.set()
         if job.poll() is None:
             job.kill()
             job.wait()
         log1.close()
     job1_log = (work / "job1.log").read_text()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    job1_runs = [(r.info.run_id, r.info.status)
+                 for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
 
     # 3. The same command again: resumes and finishes.
     job2 = subprocess.run(_command(tiny_shards, work), cwd=work, env=_env(), capture_output=True, text=True,
@@ -147,7 +177,8 @@ def scenario(tiny_shards, tmp_path_factory):
     assert job2.returncode == 0, f"rerun failed ({job2.returncode}):\n{job2.stdout[-3000:]}\n{job2.stderr[-5000:]}"
     return {"work": work, "ledger": ledger, "shards": tiny_shards, "killed_pid": pid1, "killed_at": killed_at,
             "registered": (first_ckpt, second_ckpt), "job1_rc": job.returncode,
-            "job1_log": job1_log, "job2": job2, "result": json.loads(job2.stdout.strip().splitlines()[-1])}
+            "job1_log": job1_log, "job1_runs": job1_runs, "ports": watch.ports, "job2": job2,
+            "result": json.loads(job2.stdout.strip().splitlines()[-1])}
 
 
 def test_no_sample_twice_and_every_step_once(scenario):
@@ -221,6 +252,23 @@ def test_final_checkpoint_holds_the_planner_state_in_o_classes(scenario, tiny_sh
     path = client.download_artifacts(scenario["result"]["run_id"], "checkpoint/model.pt", str(scenario["work"]))
     art = torch.load(path, map_location="cpu", weights_only=True)
     assert art["step"] == STEPS and art["planner"].keys() == state["planner"].keys()
+
+
+def test_sigterm_left_the_run_killed_then_the_rerun_resumed_it(scenario):
+    """After the SIGTERM, before the rerun: one MLflow run, KILLED (not RUNNING); the rerun's is that run."""
+    assert scenario["job1_runs"] == [(scenario["result"]["run_id"], "KILLED")], scenario["job1_log"][-3000:]
+    # Ray's C++ signal handler may abort the process during teardown (-6) after the run is
+    # closed; what matters is that the job stops with a failure code and the run is KILLED.
+    assert scenario["job1_rc"] != 0
+
+
+def test_the_local_ray_instance_listens_on_loopback_only(scenario):
+    """What the job's processes listened on while they trained (read from /proc, as ``ss -ltnp``)."""
+    ports = scenario["ports"]
+    names = {name for _, _, name in ports}
+    assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names), sorted(ports)
+    exposed = sorted(p for p in ports if not is_loopback(p[0]))
+    assert not exposed, f"the local Ray instance listens beyond loopback: {exposed}"
 
 
 def test_one_mlflow_run_resumed_and_finished(scenario):
