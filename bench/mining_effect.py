@@ -134,7 +134,10 @@ def main() -> int:
             if at:
                 row["recall@1_at"] = recall_at(uri, res["run_id"], "recall_at_1", at)
             if mining:
-                row["hardness"] = side_by_side(uri, res["run_id"], args.steps // 3)
+                # The last two thirds of the run, and only the mined steps (miner.warmup_steps).
+                warm = max([int(o.split("=", 1)[1]) for o in args.overrides if o.startswith("miner.warmup_steps=")],
+                           default=0)
+                row["hardness"] = side_by_side(uri, res["run_id"], max(args.steps // 3, warm + 1))
             rows.append(row)
             extra = ""
             if at:

@@ -114,6 +114,8 @@ class MinerConfig:
     """``source: ema``: steps of class means each rank gathers before one push to the miner."""
     exemplars_per_class: int = 2
     """Images per class embedded at a refresh."""
+    warmup_steps: int = 0
+    """Global steps whose classes are drawn uniformly before the miner selects them (0: mine from the first step); the refreshes run from the start, so the miner is ready when mining begins. Trained from scratch on a hard data set, the young embedding puts together classes it cannot tell apart yet, and the greedy step then trains on one such cluster at a time (BENCHMARKS.md, mining at 1000 steps)."""
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     """FAISS index of class embeddings: flat, ivf or hnsw."""
     num_gpus: float = 0.0
@@ -261,6 +263,7 @@ class Config:
              and all(m > 0 for m in self.train.lr_milestones), "must be increasing steps >= 1"),
             ("miner.refresh_every", self.miner.refresh_every >= 1, "must be >= 1"),
             ("miner.pool_classes", self.miner.pool_classes >= 1, "must be >= 1"),
+            ("miner.warmup_steps", self.miner.warmup_steps >= 0, "must be >= 0 (0 = mine from the first step)"),
             ("miner.ema_momentum", 0.0 <= self.miner.ema_momentum < 1.0, "must be in [0, 1)"),
             ("miner.push_every", self.miner.push_every >= 1, "must be >= 1"),
             ("miner.refresh_classes", self.miner.refresh_classes >= 0, "must be >= 0 (0 = every class)"),

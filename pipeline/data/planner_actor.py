@@ -138,6 +138,8 @@ class PlannerActor:
         while self.planner.next_step <= step:  # one step at a time: each selection is timed and recorded
             new = self.planner.next_step
             t0 = time.perf_counter()
+            if self.selector is not None:
+                self.selector.step = new  # miner.warmup_steps: uniform classes before it
             self.planner.plan(new)
             self.seen += self.args["classes_per_batch"] * self.args["images_per_class"]
             self.report.add([], seen=self.seen)

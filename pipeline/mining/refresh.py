@@ -283,6 +283,8 @@ class MinerSession:
     """``miner.candidates``."""
     images_per_class: int = 2
     """M (``batch.images_per_class``): a class is active while it has M unused samples."""
+    warmup_steps: int = 0
+    """``miner.warmup_steps``: steps planned with uniform classes before the miner selects."""
 
     def selector(self, pool_classes: int):
         """A picklable factory of the planner's selector (``pipeline.mining.selector.MinedSelector``), called with the class labels."""
@@ -291,7 +293,8 @@ class MinerSession:
         from pipeline.mining.selector import MinedSelector
 
         return functools.partial(MinedSelector, miner=self.miner, pool_classes=pool_classes, timeout_s=self.timeout_s,
-                                 candidates=self.candidates, images_per_class=self.images_per_class)
+                                 candidates=self.candidates, images_per_class=self.images_per_class,
+                                 warmup_steps=self.warmup_steps)
 
 
 def start_miner(cfg, uri: str, run_id: str) -> MinerSession:
@@ -321,7 +324,7 @@ def start_miner(cfg, uri: str, run_id: str) -> MinerSession:
     miner = get_or_create_miner(name, dim=cfg.model.embedding_dim, index=cfg.miner.index,
                                 num_gpus=cfg.miner.num_gpus)
     session = MinerSession([miner], None, name, cfg.miner.timeout_s, max(16, cfg.miner.refresh_every),
-                           cfg.miner.candidates, cfg.batch.images_per_class)
+                           cfg.miner.candidates, cfg.batch.images_per_class, cfg.miner.warmup_steps)
     if cfg.miner.source == "ema":
         print(f"[train] miner {name}: EMA of the trained class means, pushed every {cfg.miner.push_every} steps",
               flush=True)

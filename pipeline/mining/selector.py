@@ -46,7 +46,8 @@ class MinedSelector:
     """
 
     def __init__(self, labels: np.ndarray, miner: str, pool_classes: int, timeout_s: float = 2.0,
-                 candidates: str = "random", images_per_class: int = 2, client=None) -> None:
+                 candidates: str = "random", images_per_class: int = 2, client=None,
+                 warmup_steps: int = 0) -> None:
         if candidates not in ("random", "knn"):
             raise ValueError(f"miner.candidates must be 'random' or 'knn', got {candidates!r}")
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -58,11 +59,19 @@ class MinedSelector:
         self.images_per_class = int(images_per_class)
         self.filled = 0
         """knn candidates drawn at random (seed without embedding, too few active neighbours)."""
+        self.warmup_steps = int(warmup_steps)
+        self.step = 0
+        """The step being planned; the planner actor sets it before each plan (``miner.warmup_steps``)."""
+
+    @property
+    def warming(self) -> bool:
+        """True while :attr:`step` is within ``miner.warmup_steps``: classes are drawn uniformly, the miner is not asked."""
+        return self.step < self.warmup_steps
 
     @property
     def last_version(self) -> int:
-        """The miner's index version behind the last selection (-1: a random fallback)."""
-        return self.client.last_version
+        """The miner's index version behind the last selection (-1: a random fallback or a warm-up step)."""
+        return -1 if self.warming else self.client.last_version
 
     @property
     def fallbacks(self) -> int:
@@ -78,7 +87,12 @@ class MinedSelector:
         return np.where(self._sorted[pos] == class_ids, self._order[pos], -1)
 
     def __call__(self, active: np.ndarray, n: int, rng: np.random.Generator, remaining: np.ndarray) -> np.ndarray:
-        """``n`` distinct class indices of ``active``: the miner's greedy pick among the candidates."""
+        """``n`` distinct class indices of ``active``: the miner's greedy pick among the candidates
+        (uniform during ``miner.warmup_steps``, as the planner without a miner draws them)."""
+        if self.warming:
+            from pipeline.data.planner import select_uniform
+
+            return select_uniform(active, n, rng, remaining)
         c = min(max(self.pool_classes, n), active.size)
         if self.candidates == "knn":
             cand, filled = self.knn_candidates(active, c, rng, remaining)

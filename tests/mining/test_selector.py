@@ -131,3 +131,23 @@ def test_knn_fills_at_random_when_neighbours_run_out(miner, ray_local):
 def test_selector_rejects_an_unknown_candidates_mode():
     with pytest.raises(ValueError, match="miner.candidates"):
         MinedSelector(LABELS, "x", pool_classes=4, candidates="nearest")
+
+
+def test_warmup_steps_draw_uniform_classes_then_mine(miner):
+    """miner.warmup_steps: before it the planner's uniform draw (the same classes as a run without
+    a miner, from the same per-step rng), the miner not asked; from it on, the greedy selection."""
+    from pipeline.data.planner import select_uniform
+
+    _, emb = miner
+    sel = MinedSelector(LABELS, "miner-selector-test", pool_classes=64, warmup_steps=3)
+    active, remaining = pass_state(11)
+    for step in range(6):
+        sel.step = step
+        got = sel(active, 8, np.random.default_rng(step), remaining).tolist()
+        if step < 3:
+            assert sel.warming and sel.last_version == -1
+            assert got == select_uniform(active, 8, np.random.default_rng(step), remaining).tolist()
+        else:
+            assert not sel.warming and sel.last_version == 1
+            assert got == reference_random(emb, active, 64, 8, step)
+    assert sel.fallbacks == 0
