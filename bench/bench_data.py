@@ -312,7 +312,7 @@ def stream_rate(train_dir: str, size: int, epochs: float = 4, classes_per_batch:
 
     for b in build_train_datasets(cfg, name, start_step, raw=raw)["train_0"].iter_batches(batch_size=1,
                                                                                           batch_format="numpy"):
-        if int(b["step"][0]) % max(1, cfg.data.max_lead // 4) == 0:  # as the train loop reports its steps
+        if int(b["step"][0]) % max(1, stream_shape(cfg)[1] // 4) == 0:  # as the train loop reports its steps
             planner.done.remote(int(b["step"][0]), 0)
         t_first = t_first or time.perf_counter()
         if raw:

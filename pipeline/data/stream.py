@@ -260,12 +260,12 @@ def _copy_classmates(images, labels: np.ndarray, ids: np.ndarray) -> None:
 
 
 STEPS_PER_BLOCK = 32
-"""Steps per Ray Data block in random mode. Why not 1: Ray Data's per-block cost was measured
+"""Steps per Ray Data block at the default lead (``data.max_lead`` 0), with or without the miner. Why not 1: Ray Data's per-block cost was measured
 here at ~13 ms per row with blocks of 100 rows and ~100 ms with blocks of 1 (and 145 s to
 start 100k blocks), against ~6 ms with big blocks."""
 
 
-def stream_shape(cfg, miner_lead: int = 0) -> tuple[int, int]:
+def stream_shape(cfg) -> tuple[int, int]:
     """``(steps per Ray Data block, planner lead)`` for ``cfg``; the lead counts *trained* steps.
 
     A map task hands on its output block only when its input block is done, and the
@@ -273,20 +273,23 @@ def stream_shape(cfg, miner_lead: int = 0) -> tuple[int, int]:
     block of more than ``lead`` steps would deadlock (the trainers wait for a task that waits
     for them), and every rank's ``data.decode_concurrency`` actors can only work side by
     side when ``lead`` covers that many blocks: steps per block = lead / (2 x concurrency).
-    With the miner the lead is small (selections must use recent embeddings: at least
-    ``miner_lead``); without, it is at least 2 x concurrency x :data:`STEPS_PER_BLOCK`, which
-    keeps Ray Data's per-block cost small and still bounds the plans kept.
+    The lead is ``data.max_lead``, or by default 2 x concurrency x :data:`STEPS_PER_BLOCK`,
+    which keeps Ray Data's per-block cost small and still bounds the plans kept. The miner
+    uses the same lead: until 2026-12-02 it asked for max(16, ``miner.refresh_every``) steps
+    (blocks of 5 steps at the defaults) so that selections would use fresher embeddings; that
+    cost +24% of wall time on 2 cores against lead 128, where mining cost about what random
+    batches do, and the fresher embeddings gained no Recall@1 (BENCHMARKS.md).
     """
     conc = cfg.data.decode_concurrency
-    lead = max(cfg.data.max_lead, miner_lead) if cfg.miner.enabled else max(cfg.data.max_lead, 2 * conc * STEPS_PER_BLOCK)
+    lead = cfg.data.max_lead or 2 * conc * STEPS_PER_BLOCK
     return max(1, lead // (2 * conc)), lead
 
 
-def build_train_datasets(cfg, planner: str, start_step: int, miner_lead: int = 0, raw: bool | None = None) -> dict:
+def build_train_datasets(cfg, planner: str, start_step: int, raw: bool | None = None) -> dict:
     """One Ray Data dataset per rank, ``{"train_0": ..., "train_<W-1>": ...}``, over steps ``start_step .. train.steps-1``.
 
-    ``planner`` is the name of the run's planner actor, made with :func:`stream_shape`'s lead
-    (``miner_lead``: the miner's wish, with mining on). Pass them to the trainer with
+    ``planner`` is the name of the run's planner actor, made with :func:`stream_shape`'s lead.
+    Pass them to the trainer with
     :func:`data_config` (unsplit, order kept). ``raw``: rows carry JPEG bytes instead of pixels
     (default: ``data.decode_device == "cuda"``; tests set it on a CPU). Raises ShardError when ``data.train`` has no
     index (``python -m jobs.make_shards --reindex OUT`` writes one).
@@ -297,7 +300,7 @@ def build_train_datasets(cfg, planner: str, start_step: int, miner_lead: int = 0
     from pipeline.data.index import load_index
 
     root = index_spec(cfg.data.train)
-    per_block, _ = stream_shape(cfg, miner_lead)
+    per_block, _ = stream_shape(cfg)
     # Fail here, naming the fix, not in a Ray Data actor.
     index = load_index(local_root(root, cfg.data.cache_dir), "train", missing_ok=is_remote(root), allow_cut=True)
     for path, (now, then) in index.cut.items():

@@ -277,8 +277,6 @@ class MinerSession:
     """Name of the miner actor (the stream's ``MinerClient`` asks it for classes)."""
     timeout_s: float
     """Seconds the stream waits for the miner before it draws random classes."""
-    max_lead: int
-    """Steps the planner may plan ahead of the slowest rank's stream, so selections use recent embeddings."""
     candidates: str = "random"
     """``miner.candidates``."""
     images_per_class: int = 2
@@ -310,9 +308,10 @@ def start_miner(cfg, uri: str, run_id: str) -> MinerSession:
     ``source: ema`` the miner starts empty (random selections, counted as
     ``mine/unembedded``) and fills as the trainers push class means.
 
-    The planner plans at most ``max_lead`` = max(16, ``miner.refresh_every``) steps ahead
-    of the slowest rank's stream (``data.max_lead`` otherwise): unchecked, Ray Data would
-    select the classes of the whole run within seconds, all with the initial embeddings.
+    The planner plans at most ``data.max_lead`` steps (128 by default) ahead of the slowest
+    rank's training, so a selection uses embeddings about that many steps old: unchecked,
+    Ray Data would select the classes of the whole run within seconds, all with the initial
+    embeddings.
 
     Raises ShardError when ``source: exemplars`` finds no class-exemplar shards (``data.exemplars``).
     """
@@ -323,8 +322,7 @@ def start_miner(cfg, uri: str, run_id: str) -> MinerSession:
     name = miner_name(run_id)
     miner = get_or_create_miner(name, dim=cfg.model.embedding_dim, index=cfg.miner.index,
                                 num_gpus=cfg.miner.num_gpus)
-    session = MinerSession([miner], None, name, cfg.miner.timeout_s, max(16, cfg.miner.refresh_every),
-                           cfg.miner.candidates, cfg.batch.images_per_class, cfg.miner.warmup_steps)
+    session = MinerSession([miner], None, name, cfg.miner.timeout_s, cfg.miner.candidates, cfg.batch.images_per_class, cfg.miner.warmup_steps)
     if cfg.miner.source == "ema":
         print(f"[train] miner {name}: EMA of the trained class means, pushed every {cfg.miner.push_every} steps",
               flush=True)

@@ -70,7 +70,7 @@ def run_training(cfg: Config) -> dict:
         t0 = time.time()
         # The run's actors live as long as these handles: keep them until fit ends.
         miner = start_miner(cfg, uri, run_id) if cfg.miner.enabled else None
-        _, lead = stream_shape(cfg, miner.max_lead if miner else 0)
+        _, lead = stream_shape(cfg)
         planner = create_planner(
             report_name, index_spec(cfg.data.train), cfg.batch.classes_per_batch,
             cfg.batch.images_per_class, cfg.scaling.num_workers, cfg.train.seed, sampling=cfg.data.class_sampling,
@@ -78,8 +78,7 @@ def run_training(cfg: Config) -> dict:
             selector=miner.selector(cfg.miner.pool_classes) if miner else None,
             random_every=10 if miner else 0, max_passes=cfg.data.epochs, cache_dir=cfg.data.cache_dir)
         actors = miner.actors if miner else []
-        datasets = build_train_datasets(cfg, report_name, int(latest["step"]) if latest else 0,
-                                        miner.max_lead if miner else 0)
+        datasets = build_train_datasets(cfg, report_name, int(latest["step"]) if latest else 0)
         worker = WorkerConfig(worker_config(cfg), uri, run_id, report_name, refresher=miner.refresher if miner else None,
                               class_models=class_models(cfg), resume_from=resume_from)
         evaluates = bool(cfg.eval.data or cfg.data.eval)

@@ -50,7 +50,8 @@ def test_train_with_miner_logs_mining_metrics_and_survives_a_miner_kill(tiny_sha
     args = ["jobs.train", "--config", str(Path(__file__).parents[2] / "configs/quickstart_mining.yaml"),
             f"data.train={tiny_shards}/train", "data.eval=", "data.image_size=32", f"train.steps={STEPS}",
             "train.log_every=10", "batch.classes_per_batch=4", "miner.pool_classes=8", "miner.refresh_every=5",
-            "miner.timeout_s=1.0", "train.run_name=e2e-mining"]
+            "miner.timeout_s=1.0", "train.run_name=e2e-mining",
+            "data.max_lead=16"]  # selections 16 steps ahead of training (default 128): the kill shows within the run
     log = open(tmp_path / "train.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=log,
                             text=True, env=env)
@@ -98,7 +99,7 @@ def test_train_with_miner_logs_mining_metrics_and_survives_a_miner_kill(tiny_sha
     # (Under load a selection may time out and fall back, -1, even before the kill.)
     assert (version[v_steps < KILL_AFTER] >= 1).any() and version.max() >= 2
     # Batches trained at steps <= killed_at - 20 were selected before the kill (the planner
-    # plans at most max(16, refresh_every) steps ahead of the slowest rank's stream).
+    # plans at most data.max_lead = 16 steps ahead of the slowest rank's training).
     before = v_steps <= killed_at - 20
     # The kill: selections fell back to random (counted; version -1) or were made by the
     # restarted, still empty actor (version 0)...

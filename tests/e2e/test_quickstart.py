@@ -85,8 +85,9 @@ def test_evaluate_job_reproduces_the_run_metrics(trained):
     assert ev["metrics"]["num_eval_images"] == 160
 
 
-def test_evaluate_job_verification_and_vehicleid_protocols(trained, tiny_shards):
-    """An LFW-format pairs.txt and a VehicleID-format test list over the held-out images.
+def test_evaluate_job_verification_protocol(trained, tiny_shards):
+    """An LFW-format pairs.txt over the held-out images (the VehicleID protocol is run by
+    test_vehicleid_mixed_diff.py on a VehicleID-format tree).
 
     Synthetic images are named like LFW's: ``<identity>_<nnnn>`` (0-based here).
     """
@@ -107,21 +108,9 @@ def test_evaluate_job_verification_and_vehicleid_protocols(trained, tiny_shards)
     # 10 folds of 1 matched + 1 mismatched pair: each fold's accuracy is 0, 0.5 or 1.
     assert (acc * 20) == pytest.approx(round(acc * 20))
 
-    test_list = [f"{name}_{i:04d} {vid}" for vid, name in enumerate(hold[:10]) for i in range(8)]
-    (work / "test_list_800.txt").write_text("\n".join(test_list) + "\n")
-    veh = run_job(["jobs.evaluate", "--run-id", out["run_id"], "--protocol", "vehicleid",
-                "--test-list", str(work / "test_list_800.txt")], cwd=work)
-    m = veh["metrics"]
-    assert 0.0 <= m["top1"] <= m["top5"] <= 1.0
-    # AP = 1/rank of the true gallery image, and rank <= 10 vehicles: mAP in [max(top1, 0.1), 1].
-    assert max(m["top1"], 0.1) - 1e-9 <= m["map"] <= 1.0
-
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     run = client.get_run(out["run_id"])
     assert run.data.metrics["verification/lfw_accuracy"] == pytest.approx(acc)
-    assert run.data.metrics["vehicleid/top1"] == pytest.approx(m["top1"])
-    arts = {a.path for a in client.list_artifacts(out["run_id"], "eval/vehicleid")}
-    assert "eval/vehicleid/cmc.png" in arts
     from PIL import Image
 
     png = client.download_artifacts(out["run_id"], "eval/verification/roc.png", str(work))

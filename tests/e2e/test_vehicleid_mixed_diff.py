@@ -79,3 +79,7 @@ def test_mixed_difference_network_trains_logs_both_branches_and_evaluates(vehicl
     m = ev["metrics"]
     assert m["num_eval_images"] == 48 and 0.0 <= m["top1"] <= m["top5"] <= 1.0
     assert max(m["top1"], 1 / 8) - 1e-9 <= m["map"] <= 1.0
+    # The protocol's results land in the training run.
+    run = client.get_run(run_id)
+    assert run.data.metrics["vehicleid/top1"] == pytest.approx(m["top1"])
+    assert "eval/vehicleid/cmc.png" in {a.path for a in client.list_artifacts(run_id, "eval/vehicleid")}

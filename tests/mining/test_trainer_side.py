@@ -130,8 +130,8 @@ def test_two_workers_keep_the_miner_fresh_with_every_gpu_held(ray_local, tiny_sh
     """2 workers, scaling.use_gpu off but the refresh made as on a full GPU cluster (the trainers do it).
 
     Over 200 steps the index version keeps increasing, no refresh is skipped, and the mean
-    age of the embeddings behind the trained batches (selected LEAD = max(16, refresh_every)
-    steps ahead, as the planner may) stays below 2 x refresh_every.
+    age of the embeddings behind the trained batches (selected LEAD = 20 steps ahead, as the
+    planner does with ``data.max_lead=20``) stays below 2 x refresh_every.
     """
     from pipeline.config import to_dict
     from pipeline.mining.actor import get_or_create_miner, miner_name
