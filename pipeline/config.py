@@ -39,7 +39,7 @@ class DataConfig:
     class_sampling: Literal["uniform", "proportional"] = "uniform"
     """How the planner draws a step's classes without the miner: ``uniform`` among the classes with enough unused samples, or ``proportional`` to what they have left (classes then run out together, fewer leftovers at the end of a pass)."""
     max_lead: int = 0
-    """Steps the batch planner may plan ahead of the slowest rank's training; 0 = 2 x ``decode_concurrency`` x 32 (128 by default), with or without the miner. The stream's Ray Data blocks hold lead / (2 x ``decode_concurrency``) steps (``pipeline.data.stream.stream_shape``). With the miner, a step's classes are selected up to that many steps before it trains, so its class embeddings are about lead + ``miner.refresh_every`` / 2 steps old; a smaller lead makes them fresher but the blocks smaller, and Ray Data's cost per block grows: lead 20 (blocks of 5 steps) cost +24% of wall time against lead 128 on 2 cores (quickstart data, no Recall@1 gained) and, on a 1,200-class set, gained 2.6 points of Recall@1 at 1000 steps for +60-85% of wall time (BENCHMARKS.md, mining at 1000 steps)."""
+    """Steps the batch planner may plan ahead of the slowest rank's training; 0 = 2 x max(``decode_concurrency``, 2) x 32 (128 by default), with or without the miner. The stream's Ray Data blocks hold lead / (2 x max(``decode_concurrency``, 2)) steps (``pipeline.data.stream.stream_shape``). With the miner, a step's classes are selected up to that many steps before it trains, so its class embeddings are about lead + ``miner.refresh_every`` / 2 steps old; a smaller lead makes them fresher but the blocks smaller, and Ray Data's cost per block grows: lead 20 (blocks of 5 steps) cost +24% of wall time against lead 128 on 2 cores (quickstart data, no Recall@1 gained) and, on a 1,200-class set, gained 2.6 points of Recall@1 at 1000 steps for +60-85% of wall time (BENCHMARKS.md, mining at 1000 steps)."""
     decode_device: Literal["cpu", "cuda"] = "cpu"
     """Where training images are decoded: ``cpu`` (the stream's fetch actors decode and flip, rows carry pixels) or ``cuda`` (rows carry the JPEG bytes; each training process decodes its batch on its own GPU with ``torchvision.io.decode_jpeg`` and flips there; needs ``scaling.use_gpu``)."""
     augment: Literal["none", "flip", "crop", "flip_crop"] = "none"
@@ -249,7 +249,7 @@ class Config:
             ("train.max_failures", self.train.max_failures >= -1, "must be >= -1 (-1 = no limit)"),
             ("train.checkpoint_every", self.train.checkpoint_every >= 0, "must be >= 0 (0 = only at the end)"),
             ("tracking.retry_s", self.tracking.retry_s >= 0, "must be >= 0"),
-            ("data.max_lead", self.data.max_lead >= 0, "must be >= 0 (0 = 2 x data.decode_concurrency x 32)"),
+            ("data.max_lead", self.data.max_lead >= 0, "must be >= 0 (0 = 2 x max(data.decode_concurrency, 2) x 32)"),
             ("data.decode_concurrency", self.data.decode_concurrency >= 1, "must be >= 1"),
             ("data.image_size", self.data.image_size == 0 or self.data.image_size >= 16,
              "must be 0 (the shards' size) or >= 16"),

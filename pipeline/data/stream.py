@@ -272,18 +272,26 @@ def stream_shape(cfg) -> tuple[int, int]:
     planner holds a slice more than ``lead`` steps past the slowest rank's training. So a
     block of more than ``lead`` steps would deadlock (the trainers wait for a task that waits
     for them), and every rank's ``data.decode_concurrency`` actors can only work side by
-    side when ``lead`` covers that many blocks: steps per block = lead / (2 x concurrency).
-    The lead is ``data.max_lead``, or by default 2 x concurrency x :data:`STEPS_PER_BLOCK`,
-    which keeps Ray Data's per-block cost small and still bounds the plans kept. The miner
+    side when ``lead`` covers that many blocks. One more bound: the trainer's iterator
+    (``iter_torch_batches`` with ``prefetch_batches`` >= 1) hands on the rows of block k only
+    once block k + 1 is done too, so block k + 1 must be plannable while the trainers are at
+    the start of block k, whose steps before were reported done every lead / 4 steps:
+    2 x steps per block + lead / 4 - 2 <= lead. With one actor per rank and blocks of lead / 2
+    steps that fails: ``data.decode_concurrency=1 data.max_lead=32`` deadlocked at step 41
+    on every try (until 2026-12-02; a bare Ray Data pipeline with one actor does the same at
+    ``prefetch_batches`` 1 and 2, not at 0). So steps per block = lead / (2 x max(concurrency, 2)),
+    at most a quarter of the lead. The lead is ``data.max_lead``, or by default
+    2 x max(concurrency, 2) x :data:`STEPS_PER_BLOCK`, which keeps Ray Data's per-block cost
+    small and still bounds the plans kept. The miner
     uses the same lead: until 2026-12-02 it asked for max(16, ``miner.refresh_every``) steps
     (blocks of 5 steps at the defaults) so that selections would use fresher embeddings; that
     cost +24% of wall time on 2 cores against lead 128 on the quickstart data (no Recall@1
     gained there) and +60-85% on a 1,200-class set, where the fresher selections gained 2.6
     points of Recall@1 at 1000 steps (0.656 vs 0.630, 3 seeds; BENCHMARKS.md, mining at 1000 steps).
     """
-    conc = cfg.data.decode_concurrency
-    lead = cfg.data.max_lead or 2 * conc * STEPS_PER_BLOCK
-    return max(1, lead // (2 * conc)), lead
+    slots = 2 * max(cfg.data.decode_concurrency, 2)
+    lead = cfg.data.max_lead or slots * STEPS_PER_BLOCK
+    return max(1, lead // slots), lead
 
 
 def build_train_datasets(cfg, planner: str, start_step: int, raw: bool | None = None) -> dict:

@@ -300,3 +300,49 @@ def test_the_miner_streams_with_the_same_lead_and_blocks_as_random_batches():
     assert stream_shape(load_config(None, ["data.max_lead=3"])) == (1, 3)
     with pytest.raises(ConfigError, match="data.max_lead"):
         load_config(None, ["data.max_lead=-1"])
+
+
+def test_blocks_leave_the_next_block_plannable_at_every_concurrency_and_lead():
+    """The trainer's iterator hands on block k only once block k + 1 is done (``stream_shape``): block
+    k + 1's last step must be plannable while the trainers, reporting every lead / 4 steps, start
+    block k. One actor per rank gets blocks of a quarter of the lead, not half (that deadlocked)."""
+    from pipeline.data.stream import stream_shape
+
+    for conc in (1, 2, 3, 4, 8):
+        for lead in [0, *range(1, 300)]:
+            per_block, got = stream_shape(load_config(None, [f"data.decode_concurrency={conc}", f"data.max_lead={lead}"]))
+            assert got == (lead or 2 * max(conc, 2) * 32)
+            assert 1 <= per_block <= got and 2 * per_block + max(1, got // 4) - 2 <= got, (conc, lead, per_block)
+    assert stream_shape(load_config(None, ["data.decode_concurrency=1"])) == (32, 128)
+    assert stream_shape(load_config(None, ["data.decode_concurrency=1", "data.max_lead=32"])) == (8, 32)
+
+
+def test_one_decode_actor_per_rank_streams_past_its_lead_while_the_trainers_report_done(ray_local, tiny_shards):
+    """``data.decode_concurrency=1``: the ranks consume as the train loop does (``prefetch_batches`` 2,
+    ``done`` every lead / 4 steps) for about 3 leads' worth of steps; every step arrives, in order.
+    With blocks of half the lead (before 2026-12-02: 16 steps, which Ray Data cut to 15 for 90
+    steps) the rows of steps 15-29 waited for steps up to 44, plannable only after step 15 was trained."""
+    from pipeline.data.stream import stream_shape
+
+    ray = ray_local
+    steps = 90
+    cfg = _cfg(tiny_shards / "train", steps, extra=("data.decode_concurrency=1", "data.max_lead=32"))
+    _, lead = stream_shape(cfg)
+    name, actor = _planner(tiny_shards, cfg, max_lead=lead)
+    ray.get(actor.begin.remote(0, None))
+    datasets = build_train_datasets(cfg, name, 0)
+    got = [[] for _ in datasets]
+
+    def run(rank, ds):
+        for b in ds.iter_torch_batches(batch_size=1, prefetch_batches=2):
+            got[rank].append(int(b["step"][0]))
+            if len(got[rank]) % max(1, lead // 4) == 0:
+                actor.done.remote(got[rank][-1], rank)
+
+    threads = [threading.Thread(target=run, args=(r, datasets[f"train_{r}"]), daemon=True) for r in range(W)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=200)
+    assert [g == list(range(steps)) for g in got] == [True] * W, [g[-3:] for g in got]
+    ray.kill(actor)
