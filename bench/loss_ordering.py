@@ -59,7 +59,8 @@ def main() -> int:
             cmd = [sys.executable, "-m", "jobs.train", "--config", str(cfg), f"train.seed={seed}",
                    f"train.steps={args.steps}", f"tracking.uri=sqlite:///{out_dir / 'mlflow.db'}",
                    f"tracking.experiment={args.experiment}", f"train.storage_path={out_dir / 'runs'}",
-                   f"data.train={data / 'train'}", f"data.eval={data / 'holdout'}", *args.overrides]
+                   f"data.train={data / 'train'}", f"data.eval={data / 'holdout'}", "eval.untrained=true",
+                   *args.overrides]  # the untrained baseline for every loss (not every config asks for it)
             res = run_job(cmd)
             m = res["metrics"]
             row = {"seed": seed, "run_id": res["run_id"], "recall@1": m["recall@1"], "nmi": m["nmi"],
