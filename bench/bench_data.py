@@ -280,7 +280,7 @@ def stream_rate(train_dir: str, size: int, epochs: float = 4, classes_per_batch:
 
     from pipeline.config import load_config
     from pipeline.data.planner_actor import create_planner
-    from pipeline.data.stream import build_train_datasets, stream_shape
+    from pipeline.data.stream import build_train_datasets, done_every, stream_shape
 
     with open(os.path.join(os.path.dirname(train_dir), "manifest.json")) as f:
         images = json.load(f)["splits"]["train"]["images"]
@@ -307,12 +307,12 @@ def stream_rate(train_dir: str, size: int, epochs: float = 4, classes_per_batch:
     expected = expected_images or 0
     spy = None
     t0 = time.perf_counter()
-    t_first, n, marks = None, 0, {}
+    t_first, n, marks, every = None, 0, {}, done_every(cfg)
     from pipeline.data.decode import decode_batch
 
     for b in build_train_datasets(cfg, name, start_step, raw=raw)["train_0"].iter_batches(batch_size=1,
                                                                                           batch_format="numpy"):
-        if int(b["step"][0]) % max(1, stream_shape(cfg)[1] // 4) == 0:  # as the train loop reports its steps
+        if int(b["step"][0]) % every == 0:  # as the train loop reports its steps
             planner.done.remote(int(b["step"][0]), 0)
         t_first = t_first or time.perf_counter()
         if raw:

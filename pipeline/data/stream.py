@@ -294,6 +294,12 @@ def stream_shape(cfg) -> tuple[int, int]:
     return max(1, lead // slots), lead
 
 
+def done_every(cfg) -> int:
+    """Trained steps between a rank's ``done`` reports to the planner: a quarter of :func:`stream_shape`'s lead
+    (the lead shrinks by that much at most; the bound in :func:`stream_shape` allows for it)."""
+    return max(1, stream_shape(cfg)[1] // 4)
+
+
 def build_train_datasets(cfg, planner: str, start_step: int, raw: bool | None = None) -> dict:
     """One Ray Data dataset per rank, ``{"train_0": ..., "train_<W-1>": ...}``, over steps ``start_step .. train.steps-1``.
 

@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.data.stream import stream_shape
+from pipeline.data.stream import done_every as report_every
 from pipeline.train.checkpoint import CKPT_FILE, load_checkpoint
 from pipeline.train.checkpointer import Checkpointer
 from pipeline.train.step import MetricObjective, MixedDiffObjective, TrainStep, make_optimizer, make_scheduler
@@ -61,7 +61,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return  # the run is complete; nothing to redo
     heldout = _heldout(cfg) if rank == 0 else None
     planner = ray.get_actor(wc.planner)
-    done_every = max(1, stream_shape(cfg)[1] // 4)
+    done_every = report_every(cfg)
     telemetry = Telemetry(cfg, rank, world, wc.tracking_uri, wc.run_id, wc.planner, wc.refresher)
     from pipeline.mining.trainer_side import TrainerMining
 
