@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e"
 
 # Every CPU figure of BENCHMARKS.md (about 12 minutes on 2 cores). bench/gpu.py needs a GPU;
-# bench/loss_ordering.py trains 9 quickstart runs (about 20 minutes): `make bench-accuracy`.
+# bench/loss_ordering.py trains 12 quickstart runs (about 30 minutes): `make bench-accuracy`.
 bench: $(STAMP)
 	$(BIN)/python bench/bench_planner.py
 	$(BIN)/python bench/bench_index.py

@@ -1,9 +1,12 @@
 """Recall@1 on held-out classes for several losses at equal steps, several seeds (Sohn 2016's comparison).
 
-    python bench/loss_ordering.py [--losses triplet npair_ovo npair_mc] [--seeds 0 1 2] [--steps 300]
+    python bench/loss_ordering.py [--losses triplet_one triplet npair_ovo npair_mc npair_mc_mined]
+        [--seeds 0 1 2] [--steps 300] [--mined-pool C] [-- key=value ...]
 
 Runs ``jobs.train`` once per (loss, seed) on the quickstart data (made if missing) with
-``configs/quickstart_<loss>.yaml`` (``configs/quickstart.yaml`` for npair_mc), tracks the
+``configs/quickstart_<loss>.yaml`` (``configs/quickstart.yaml`` for npair_mc,
+``configs/quickstart_mining.yaml`` for npair_mc_mined: N-pair-mc + hard class mining,
+``--mined-pool`` candidate classes, default the config's), tracks the
 runs in ``bench/out/mlflow.db`` (experiment ``loss-ordering``), prints a table and a final
 JSON line. Extra ``key=value`` overrides after ``--`` go to every run.
 """
@@ -19,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"npair_mc": "quickstart.yaml", "npair_mc_mined": "quickstart_mining.yaml"}
 
 
 def quickstart_data() -> Path:
@@ -42,10 +46,11 @@ def run_job(cmd: list[str]) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--losses", nargs="+", default=["triplet", "npair_ovo", "npair_mc"])
+    p.add_argument("--losses", nargs="+", default=["triplet_one", "triplet", "npair_ovo", "npair_mc"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--experiment", default="loss-ordering")
+    p.add_argument("--mined-pool", type=int, default=0, help="miner.pool_classes of npair_mc_mined (0 = the config's)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     data = quickstart_data()
@@ -53,14 +58,15 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
     for loss in args.losses:
-        cfg = ROOT / ("configs/quickstart.yaml" if loss == "npair_mc" else f"configs/quickstart_{loss}.yaml")
+        cfg = ROOT / "configs" / CONFIGS.get(loss, f"quickstart_{loss}.yaml")
+        extra = [f"miner.pool_classes={args.mined_pool}"] if loss == "npair_mc_mined" and args.mined_pool else []
         for seed in args.seeds:
             t0 = time.time()
             cmd = [sys.executable, "-m", "jobs.train", "--config", str(cfg), f"train.seed={seed}",
                    f"train.steps={args.steps}", f"tracking.uri=sqlite:///{out_dir / 'mlflow.db'}",
                    f"tracking.experiment={args.experiment}", f"train.storage_path={out_dir / 'runs'}",
                    f"data.train={data / 'train'}", f"data.eval={data / 'holdout'}", "eval.untrained=true",
-                   *args.overrides]  # the untrained baseline for every loss (not every config asks for it)
+                   *args.overrides, *extra]  # the untrained baseline for every loss (not every config asks for it)
             res = run_job(cmd)
             m = res["metrics"]
             row = {"seed": seed, "run_id": res["run_id"], "recall@1": m["recall@1"], "nmi": m["nmi"],
@@ -76,7 +82,7 @@ def main() -> int:
                          "nmi_mean": statistics.mean(r["nmi"] for r in rows), "runs": rows}
         print(f"{loss:>12} {summary[loss]['recall@1_mean']:9.4f} {summary[loss]['recall@1_std']:7.4f} "
               f"{summary[loss]['nmi_mean']:9.4f}   {', '.join(f'{x:.3f}' for x in r1)}")
-    (out_dir / "loss_ordering.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / f"loss_ordering_{'_'.join(args.losses)}_{'_'.join(map(str, args.seeds))}.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps({"bench": "loss_ordering", "steps": args.steps, "seeds": args.seeds,
                       "recall@1": {k: round(v["recall@1_mean"], 4) for k, v in summary.items()}}))
     return 0

@@ -78,6 +78,8 @@ class LossConfig:
     """Weight of the mean squared embedding norm (Sohn 2016's regulariser, N-pair losses)."""
     margin: float | None = None
     """Margin of triplet / contrastive / coupled clusters losses; empty = the loss's default."""
+    negatives: Literal["all", "one"] = "all"
+    """Triplet loss only: ``all`` valid triplets of the batch (batch-all, a strong baseline) or ``one`` random negative per (anchor, positive) pair, Sohn 2016's triplet baseline (drawn from a generator seeded by ``train.seed``)."""
     cross_rank: bool | None = None
     """Gather embeddings across DDP ranks so negatives span the global batch; empty = on when world size > 1."""
     model_branch_weight: float = 1.0
@@ -285,6 +287,11 @@ class Config:
             raise ConfigError(
                 f"config key 'batch.classes_per_batch' ({self.batch.classes_per_batch}) must be divisible by "
                 f"'scaling.num_workers' ({self.scaling.num_workers}): each rank gets the same number of classes"
+            )
+        if self.loss.negatives != "all" and self.loss.name != "triplet":
+            raise ConfigError(
+                f"config key 'loss.negatives' ({self.loss.negatives}) applies to loss.name=triplet only, "
+                f"got loss.name={self.loss.name}; leave it at 'all'"
             )
         if self.loss.name.startswith("npair") and self.batch.images_per_class != 2:
             raise ConfigError("config key 'batch.images_per_class' must be 2 for the N-pair losses")

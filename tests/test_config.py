@@ -169,6 +169,14 @@ def test_npair_needs_two_images_per_class():
     assert cfg.batch.images_per_class == 4
 
 
+def test_one_negative_is_for_the_triplet_loss():
+    assert load_config(None, ["loss.name=triplet", "loss.negatives=one"]).loss.negatives == "one"
+    with pytest.raises(ConfigError, match="'loss.negatives' .one. applies to loss.name=triplet only"):
+        load_config(None, ["loss.negatives=one"])
+    with pytest.raises(ConfigError, match="loss.negatives"):
+        load_config(None, ["loss.name=triplet", "loss.negatives=hardest"])
+
+
 @pytest.mark.parametrize("override, key", [
     ("batch.classes_per_batch=1", "batch.classes_per_batch"),
     ("train.steps=0", "train.steps"),

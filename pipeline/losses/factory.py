@@ -14,7 +14,13 @@ _MARGIN_LOSSES = {"triplet": TripletLoss, "contrastive": ContrastiveLoss, "coupl
 
 
 def build_loss(
-    name: str, *, l2_reg: float = 0.002, margin: float | None = None, cross_rank: bool = False
+    name: str,
+    *,
+    l2_reg: float = 0.002,
+    margin: float | None = None,
+    cross_rank: bool = False,
+    negatives: str = "all",
+    seed: int = 0,
 ) -> BatchLoss:
     """Return the loss ``name`` as a module whose ``forward(embeddings (B, d), labels (B,))`` gives a scalar.
 
@@ -22,12 +28,19 @@ def build_loss(
     pairs (rows 2i, 2i+1 of one class). ``l2_reg`` weighs the squared-norm penalty of
     npair_mc, npair_ovo and tuplet and is ignored by the others; ``margin`` is used by
     triplet (default 0.2), contrastive (1.0) and coupled_clusters (1.0), None = that default.
-    Raises ValueError for an unknown name, or a margin given to a loss without one.
+    ``negatives`` (triplet only): ``all`` valid triplets, or ``one`` random negative per
+    (anchor, positive) pair (Sohn 2016's baseline), drawn by a generator seeded with ``seed``.
+    Raises ValueError for an unknown name, a margin given to a loss without one, or
+    ``negatives`` other than ``all`` for a loss other than triplet.
     """
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSS_NAMES)}")
+    if negatives != "all" and name != "triplet":
+        raise ValueError(f"negatives={negatives!r} applies to the triplet loss only, got loss {name!r}")
     if name in _MARGIN_LOSSES:
         kwargs = {} if margin is None else {"margin": margin}
+        if name == "triplet":
+            kwargs.update(negatives=negatives, seed=seed)
         return _MARGIN_LOSSES[name](cross_rank=cross_rank, **kwargs)
     if margin is not None:
         raise ValueError(f"loss {name!r} has no margin, got margin={margin}; leave it empty (None)")

@@ -42,7 +42,7 @@ def local_reference(name, emb, labels):
     }[name]()
 
 
-def check_loss(name, rank):
+def check_loss(name, rank, **extra):
     gen = torch.Generator().manual_seed(LOSS_NAMES.index(name))
     labels = torch.tensor(RANK_LABELS).flatten()
     b = len(RANK_LABELS[rank])
@@ -52,12 +52,12 @@ def check_loss(name, rank):
 
     # single process on the concatenated batch
     z_global, theta_global = z_all.clone().requires_grad_(), theta_init.clone().requires_grad_()
-    global_loss = build_loss(name, margin=MARGINS.get(name))(z_global @ theta_global, labels)
+    global_loss = build_loss(name, margin=MARGINS.get(name), **extra)(z_global @ theta_global, labels)
     global_loss.backward()
 
     # this rank's share with cross_rank, then what DDP would do with it
     z_r, theta = z_all[own].clone().requires_grad_(), theta_init.clone().requires_grad_()
-    loss_r = build_loss(name, margin=MARGINS.get(name), cross_rank=True)(z_r @ theta, labels[own])
+    loss_r = build_loss(name, margin=MARGINS.get(name), cross_rank=True, **extra)(z_r @ theta, labels[own])
     loss_r.backward()
     mean_loss, ddp_grad = loss_r.detach().clone(), theta.grad.clone()
     dist.all_reduce(mean_loss)
@@ -65,6 +65,8 @@ def check_loss(name, rank):
     torch.testing.assert_close(mean_loss / WORLD, global_loss.detach(), **TOL)
     torch.testing.assert_close(ddp_grad / WORLD, theta_global.grad, **TOL)
     torch.testing.assert_close(z_r.grad, WORLD * z_global.grad[own], **TOL)
+    if extra:
+        return
 
     # without cross_rank a rank sees only its local negatives
     emb_r = (z_all[own] @ theta_init).requires_grad_()
@@ -79,6 +81,9 @@ def worker(rank, init_file):
     try:
         for name in LOSS_NAMES:
             check_loss(name, rank)
+        # Sohn's one-negative triplet: every rank draws for the whole global batch, so the
+        # cross-rank loss is the single process's (same seed), not just equal in expectation
+        check_loss("triplet", rank, negatives="one", seed=5)
         # ranks with different batch sizes: every rank raises (no hang)
         rows = 4 + 2 * rank
         with pytest.raises(ValueError, match="same batch shape on every rank"):

@@ -55,3 +55,10 @@ def test_margin_on_a_loss_without_one_is_an_error(name):
 def test_negative_margin_is_an_error():
     with pytest.raises(ValueError, match="margin must be >= 0"):
         build_loss("contrastive", margin=-1.0)
+
+
+def test_negatives_reach_the_triplet_loss_only():
+    assert build_loss("triplet").negatives == "all"
+    assert build_loss("triplet", negatives="one").negatives == "one"
+    with pytest.raises(ValueError, match="triplet loss only"):
+        build_loss("npair_mc", negatives="one")
