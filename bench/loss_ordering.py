@@ -70,10 +70,13 @@ def main() -> int:
             res = run_job(cmd)
             m = res["metrics"]
             row = {"seed": seed, "run_id": res["run_id"], "recall@1": m["recall@1"], "nmi": m["nmi"],
-                   "untrained_recall@1": m["untrained_recall@1"], "wall_s": time.time() - t0}
+                   "untrained_recall@1": m["untrained_recall@1"], "wall_s": time.time() - t0,
+                   # the evaluation during training at the best step (eval.max_images of data.eval)
+                   "best_recall@1": m.get("best_recall@1"), "best_step": m.get("best_step")}
             results.setdefault(loss, []).append(row)
             print(f"{loss:>12} seed {seed}: R@1 {m['recall@1']:.4f} (untrained {m['untrained_recall@1']:.4f}) "
-                  f"NMI {m['nmi']:.4f}  {row['wall_s']:.0f}s", flush=True)
+                  f"NMI {m['nmi']:.4f}  best during training {row['best_recall@1']} at step {row['best_step']}  "
+                  f"{row['wall_s']:.0f}s", flush=True)
     summary = {}
     print(f"\n{'loss':>12} {'R@1 mean':>9} {'std':>7} {'NMI mean':>9}   per seed")
     for loss, rows in results.items():
