@@ -1,7 +1,8 @@
 """Like-for-like peer: a plain PyTorch loop with pytorch-metric-learning's NPairsLoss vs jobs.train.
 
     python bench/peer_npair.py [--data DIR] [--steps 1500] [--n 32] [--dim 64] [--backbone small]
-                               [--seeds 0 1 2] [--mine] [--dot] [--only peer|ours] [-- key=value ...]
+                               [--seeds 0 1 2] [--mine [--mined-only]] [--dot] [--only peer|ours]
+                               [-- key=value ...]
 
 On one shard set (``--data``: ``DIR/train``, ``DIR/holdout``, ``DIR/exemplars`` as
 ``jobs.make_shards`` writes them; default the quickstart data, made if missing) both sides
@@ -164,6 +165,7 @@ def main() -> int:
     p.add_argument("--pool", type=int, default=0, help="candidate classes per mined step (default 4 N)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--mine", action="store_true", help="also run both sides with hard class mining")
+    p.add_argument("--mined-only", action="store_true", help="with --mine: only the mined runs (random ones made earlier)")
     p.add_argument("--dot", action="store_true", help="peer: unnormalised inner products (Sohn) instead of cosine")
     p.add_argument("--only", choices=["peer", "ours"], default=None, help="run one side only")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="peer: torch threads")
@@ -174,7 +176,7 @@ def main() -> int:
     out_dir = ROOT / "bench/out"
     out_dir.mkdir(parents=True, exist_ok=True)
     sides = [s for s in ("peer", "ours") if args.only in (None, s)]
-    modes = [False, True] if args.mine else [False]
+    modes = ([True] if args.mined_only else [False, True]) if args.mine else [False]
     if "peer" in sides:
         import torch
 
