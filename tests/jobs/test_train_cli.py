@@ -12,6 +12,7 @@ from pipeline.config import choices, load_config, to_dict
 
 FIXED_KEYS = {
     "loss.name": ("npair_mcc", "npair_mc"),
+    "loss.negatives": ("onne", "one"),
     "model.backbone": ("resnet181", "resnet18"),
     "model.head": ("linear_nb", "linear_bn"),
     "model.arch": ("mixed-diff", "mixed_diff"),
@@ -38,11 +39,12 @@ def test_every_fixed_value_key_is_covered():
 
 def test_the_config_choices_are_the_libraries_names():
     from pipeline.losses.factory import LOSS_NAMES
+    from pipeline.losses.triplet import NEGATIVES
     from pipeline.mining.class_index import INDEX_KINDS
     from pipeline.models.embedding import BACKBONES, HEADS, NORMS
     from pipeline.models.factory import ARCHS
 
-    assert choices("loss.name") == LOSS_NAMES
+    assert choices("loss.name") == LOSS_NAMES and choices("loss.negatives") == NEGATIVES
     assert set(choices("model.backbone")) == set(BACKBONES)
     assert choices("model.head") == HEADS and choices("model.norm") == NORMS and choices("model.arch") == ARCHS
     assert choices("miner.index") == INDEX_KINDS
