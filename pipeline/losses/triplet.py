@@ -58,16 +58,17 @@ class TripletLoss(BatchLoss):
 
         Raises ValueError when no class has two images (no valid triplet).
         """
-        if triplet_count(batch.labels) == 0:
+        n_triplets = triplet_count(batch.labels)
+        if n_triplets == 0:
             raise ValueError(
                 "TripletLoss: no valid triplet in the batch: needs a class with at least 2 images "
                 "(anchor, positive) and another class (negative)"
             )
         if self.negatives == "one":
             return self._one_negative(batch)
-        return self._all_negatives(batch)
+        return self._all_negatives(batch, n_triplets)
 
-    def _all_negatives(self, batch: GlobalBatch) -> torch.Tensor:
+    def _all_negatives(self, batch: GlobalBatch, n_triplets: int) -> torch.Tensor:
         emb, labels = batch.embeddings, batch.labels
         own = torch.arange(batch.own.start, batch.own.stop, device=emb.device)
         d2 = squared_distances(emb[own], emb)  # (n, B)
@@ -84,7 +85,7 @@ class TripletLoss(BatchLoss):
         x = d2 + self.margin  # (n, B): one entry per candidate positive
         k = torch.searchsorted(negative_d2.detach(), x.detach())  # negatives with d(a, n) < x
         hinge_sums = k * x - prefix.gather(1, k)
-        return batch.share_of_mean(torch.where(positive, hinge_sums, 0.0).sum(), triplet_count(labels))
+        return batch.share_of_mean(torch.where(positive, hinge_sums, 0.0).sum(), n_triplets)
 
     def _one_negative(self, batch: GlobalBatch) -> torch.Tensor:
         emb, labels = batch.embeddings, batch.labels
