@@ -80,6 +80,8 @@ class LossConfig:
     """Margin of triplet / contrastive / coupled clusters losses; empty = the loss's default."""
     negatives: Literal["all", "one"] = "all"
     """Triplet loss only: ``all`` valid triplets of the batch (batch-all, a strong baseline) or ``one`` random negative per (anchor, positive) pair, Sohn 2016's triplet baseline (drawn from a generator seeded by ``train.seed``)."""
+    scale: float = 0.0
+    """N-pair losses only: 0 = Sohn's unnormalised inner products (with ``l2_reg``); s > 0 = s x cosine similarity of L2-normalised embeddings (1 = pytorch-metric-learning's ``NPairsLoss`` default; larger sharpens the softmax, as NormFace's scale)."""
     cross_rank: bool | None = None
     """Gather embeddings across DDP ranks so negatives span the global batch; empty = on when world size > 1."""
     model_branch_weight: float = 1.0
@@ -292,6 +294,11 @@ class Config:
             raise ConfigError(
                 f"config key 'loss.negatives' ({self.loss.negatives}) applies to loss.name=triplet only, "
                 f"got loss.name={self.loss.name}; leave it at 'all'"
+            )
+        if self.loss.scale < 0 or (self.loss.scale and not self.loss.name.startswith("npair")):
+            raise ConfigError(
+                f"config key 'loss.scale' ({self.loss.scale}) must be >= 0 and applies to loss.name=npair_mc or "
+                f"npair_ovo only, got loss.name={self.loss.name}; leave it at 0"
             )
         if self.loss.name.startswith("npair") and self.batch.images_per_class != 2:
             raise ConfigError("config key 'batch.images_per_class' must be 2 for the N-pair losses")

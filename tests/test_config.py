@@ -177,6 +177,15 @@ def test_one_negative_is_for_the_triplet_loss():
         load_config(None, ["loss.name=triplet", "loss.negatives=hardest"])
 
 
+def test_scale_is_for_the_npair_losses():
+    assert load_config(None, ["loss.scale=16"]).loss.scale == 16.0
+    assert load_config(None, ["loss.name=npair_ovo", "loss.scale=1"]).loss.scale == 1.0
+    with pytest.raises(ConfigError, match="'loss.scale' .16.0. must be >= 0 and applies to loss.name=npair_mc"):
+        load_config(None, ["loss.name=triplet", "loss.scale=16"])
+    with pytest.raises(ConfigError, match="'loss.scale'"):
+        load_config(None, ["loss.scale=-2"])
+
+
 @pytest.mark.parametrize("override, key", [
     ("batch.classes_per_batch=1", "batch.classes_per_batch"),
     ("train.steps=0", "train.steps"),

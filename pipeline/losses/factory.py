@@ -21,6 +21,7 @@ def build_loss(
     cross_rank: bool = False,
     negatives: str = "all",
     seed: int = 0,
+    scale: float = 0.0,
 ) -> BatchLoss:
     """Return the loss ``name`` as a module whose ``forward(embeddings (B, d), labels (B,))`` gives a scalar.
 
@@ -30,13 +31,18 @@ def build_loss(
     triplet (default 0.2), contrastive (1.0) and coupled_clusters (1.0), None = that default.
     ``negatives`` (triplet only): ``all`` valid triplets, or ``one`` random negative per
     (anchor, positive) pair (Sohn 2016's baseline), drawn by a generator seeded with ``seed``.
-    Raises ValueError for an unknown name, a margin given to a loss without one, or
-    ``negatives`` other than ``all`` for a loss other than triplet.
+    ``scale`` (npair_mc, npair_ovo only): 0 = Sohn's unnormalised inner products, s > 0 =
+    s x cosine similarity (see :mod:`pipeline.losses.npair`).
+    Raises ValueError for an unknown name, a margin given to a loss without one,
+    ``negatives`` other than ``all`` for a loss other than triplet, or a nonzero ``scale``
+    for a loss other than the N-pair ones.
     """
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSS_NAMES)}")
     if negatives != "all" and name != "triplet":
         raise ValueError(f"negatives={negatives!r} applies to the triplet loss only, got loss {name!r}")
+    if scale and not name.startswith("npair_"):
+        raise ValueError(f"scale={scale} applies to npair_mc and npair_ovo only, got loss {name!r}")
     if name in _MARGIN_LOSSES:
         kwargs = {} if margin is None else {"margin": margin}
         if name == "triplet":
@@ -46,4 +52,4 @@ def build_loss(
         raise ValueError(f"loss {name!r} has no margin, got margin={margin}; leave it empty (None)")
     if name == "tuplet":
         return TupletLoss(l2_reg=l2_reg, cross_rank=cross_rank)
-    return NPairBatchLoss(variant=name.removeprefix("npair_"), l2_reg=l2_reg, cross_rank=cross_rank)
+    return NPairBatchLoss(variant=name.removeprefix("npair_"), l2_reg=l2_reg, cross_rank=cross_rank, scale=scale)

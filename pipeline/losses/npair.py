@@ -6,7 +6,10 @@ For anchors f_i, positives f_i+ and labels y_i (row i of both is class y_i):
 * ovo: L = (1/N) sum_i sum_{j: y_j != y_i} log(1 + exp(f_i.f_j+ - f_i.f_i+))
 
 plus ``l2_reg`` times the mean squared norm of the 2N embeddings (Sohn's regulariser for
-unnormalised embeddings). A positive j != i with the same label as i is never a negative:
+unnormalised embeddings). With ``scale`` s > 0 the similarity f_i.f_j+ becomes s cos(f_i, f_j+)
+(the embeddings are L2-normalised inside the loss; the regulariser still acts on the raw
+embeddings): s = 1 is pytorch-metric-learning's ``NPairsLoss`` default (cosine), larger s
+sharpens the softmax as in NormFace. A positive j != i with the same label as i is never a negative:
 it is masked out, so a class drawn twice (in the batch or on two ranks) is not pushed away.
 """
 
@@ -28,15 +31,18 @@ class NPairLoss(torch.nn.Module):
     each rank scores its own anchors (see ``distributed.py`` for the gradient scaling).
     """
 
-    def __init__(self, variant: str = "mc", l2_reg: float = 0.002, cross_rank: bool = False):
+    def __init__(self, variant: str = "mc", l2_reg: float = 0.002, cross_rank: bool = False, scale: float = 0.0):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"NPairLoss: variant must be one of {VARIANTS}, got {variant!r}")
         if l2_reg < 0:
             raise ValueError(f"NPairLoss: l2_reg must be >= 0, got {l2_reg}")
+        if not scale >= 0:
+            raise ValueError(f"NPairLoss: scale must be >= 0 (0 = unnormalised inner products), got {scale}")
         self.variant = variant
         self.l2_reg = l2_reg
         self.cross_rank = cross_rank
+        self.scale = float(scale)
 
     def forward(self, anchors: torch.Tensor, positives: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Return the loss (0-dim) for anchors (N, d), positives (N, d) and labels (N,).
@@ -49,11 +55,15 @@ class NPairLoss(torch.nn.Module):
                 f"NPairLoss: positives must have the anchors' shape {tuple(anchors.shape)}, "
                 f"got {tuple(positives.shape)}"
             )
-        pool = gather_batch(positives, labels, self.cross_rank)
+        if self.scale:
+            pool = gather_batch(F.normalize(positives, dim=1), labels, self.cross_rank)
+            logits = self.scale * (F.normalize(anchors, dim=1) @ pool.embeddings.T)  # (N, W*N): s cos(f_i, f_j+)
+        else:
+            pool = gather_batch(positives, labels, self.cross_rank)
+            logits = anchors @ pool.embeddings.T  # (N, W*N): f_i . f_j+
         check_has_negatives(pool.labels, "NPairLoss")
         n_global = pool.labels.shape[0]
 
-        logits = anchors @ pool.embeddings.T  # (N, W*N): f_i . f_j+
         target = torch.arange(pool.own.start, pool.own.stop, device=anchors.device)
         rows = torch.arange(len(target), device=anchors.device)
         if self.variant == "mc":
@@ -82,9 +92,9 @@ class NPairBatchLoss(BatchLoss):
     Splits anchors = rows 0::2, positives = rows 1::2 and calls :class:`NPairLoss`.
     """
 
-    def __init__(self, variant: str = "mc", l2_reg: float = 0.002, cross_rank: bool = False):
+    def __init__(self, variant: str = "mc", l2_reg: float = 0.002, cross_rank: bool = False, scale: float = 0.0):
         super().__init__(cross_rank=cross_rank)
-        self.npair = NPairLoss(variant=variant, l2_reg=l2_reg, cross_rank=cross_rank)
+        self.npair = NPairLoss(variant=variant, l2_reg=l2_reg, cross_rank=cross_rank, scale=scale)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Return the N-pair loss of the interleaved batch.

@@ -173,7 +173,7 @@ def _objective(cfg, class_models: dict[int, int] | None, world: int, device: tor
 
     cross_rank = cfg.loss.cross_rank if cfg.loss.cross_rank is not None else world > 1
     loss_fn = build_loss(cfg.loss.name, l2_reg=cfg.loss.l2_reg, margin=cfg.loss.margin, cross_rank=cross_rank,
-                         negatives=cfg.loss.negatives, seed=cfg.train.seed)
+                         negatives=cfg.loss.negatives, seed=cfg.train.seed, scale=cfg.loss.scale)
     if not class_models:
         return MetricObjective(loss_fn)
     model_of_class = torch.full((max(class_models) + 1,), -1, dtype=torch.long, device=device)

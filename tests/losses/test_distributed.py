@@ -84,6 +84,8 @@ def worker(rank, init_file):
         # Sohn's one-negative triplet: every rank draws for the whole global batch, so the
         # cross-rank loss is the single process's (same seed), not just equal in expectation
         check_loss("triplet", rank, negatives="one", seed=5)
+        # N-pair-mc on scaled cosines: normalised before the gather, the gradient reaches the owner
+        check_loss("npair_mc", rank, scale=4.0)
         # ranks with different batch sizes: every rank raises (no hang)
         rows = 4 + 2 * rank
         with pytest.raises(ValueError, match="same batch shape on every rank"):

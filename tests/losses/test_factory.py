@@ -62,3 +62,10 @@ def test_negatives_reach_the_triplet_loss_only():
     assert build_loss("triplet", negatives="one").negatives == "one"
     with pytest.raises(ValueError, match="triplet loss only"):
         build_loss("npair_mc", negatives="one")
+
+
+def test_scale_reaches_the_npair_losses_only():
+    assert build_loss("npair_mc").npair.scale == 0.0
+    assert build_loss("npair_ovo", scale=16.0).npair.scale == 16.0
+    with pytest.raises(ValueError, match="npair_mc and npair_ovo only"):
+        build_loss("triplet", scale=16.0)
