@@ -13,7 +13,7 @@ STD = (0.229, 0.224, 0.225)
 
 BACKBONES = ("tiny", "small", "resnet18", "resnet34", "resnet50", "iresnet18", "iresnet50")
 HEADS = ("linear", "linear_bn")
-NORMS = ("batch", "group")
+NORMS = ("batch", "group", "sync_batch")
 
 
 def _tiny() -> tuple[nn.Module, int]:
@@ -48,7 +48,9 @@ def build_backbone(name: str, weights: str = "", norm: str = "batch") -> tuple[n
     """Return ``(trunk, feature_dim)`` for a backbone name; ``weights`` is an optional local file.
 
     ``norm``: ``batch`` keeps the published BatchNorm2d layers, ``group`` replaces them by
-    GroupNorm (:func:`to_group_norm`) before the weights are loaded.
+    GroupNorm (:func:`to_group_norm`) before the weights are loaded, ``sync_batch`` by
+    BatchNorm over the global batch of all DDP ranks
+    (:class:`pipeline.models.global_batch_norm.GlobalBatchNorm`).
 
     Names: ``tiny`` (tests), ``small`` (CPU runs, ~13 M multiply-adds at 64 px), torchvision ``resnet18``/``34``/``50`` (global-pooled features) and
     ``iresnet18``/``50`` (ArcFace's face trunk for 112x112, flattened 512x7x7 features).
@@ -74,6 +76,10 @@ def build_backbone(name: str, weights: str = "", norm: str = "batch") -> tuple[n
         raise ValueError(f"unknown model.backbone '{name}' (choose {', '.join(BACKBONES)})")
     if norm == "group":
         to_group_norm(trunk)
+    elif norm == "sync_batch":
+        from pipeline.models.global_batch_norm import to_global_batch_norm
+
+        to_global_batch_norm(trunk)
     elif norm != "batch":
         raise ValueError(f"unknown model.norm '{norm}' (choose {', '.join(NORMS)})")
     if weights:

@@ -20,13 +20,20 @@ def build_model(cfg) -> nn.Module:
     head = getattr(cfg, "head", "linear")
     if arch not in ARCHS:
         raise ValueError(f"unknown model.arch '{arch}' (choose {', '.join(ARCHS)})")
-    trunk, dim = build_backbone(cfg.backbone, cfg.weights, getattr(cfg, "norm", "batch"))
+    norm = getattr(cfg, "norm", "batch")
+    trunk, dim = build_backbone(cfg.backbone, cfg.weights, norm)
     if arch == "mixed_diff":
         from pipeline.models.mixed_diff import MixedDifferenceNet
 
-        return MixedDifferenceNet(trunk, dim, cfg.embedding_dim, cfg.num_vehicle_models,
-                                  normalize=cfg.normalize, head=head)
-    return EmbeddingNet(trunk, dim, cfg.embedding_dim, cfg.normalize, head=head)
+        net = MixedDifferenceNet(trunk, dim, cfg.embedding_dim, cfg.num_vehicle_models,
+                                 normalize=cfg.normalize, head=head)
+    else:
+        net = EmbeddingNet(trunk, dim, cfg.embedding_dim, cfg.normalize, head=head)
+    if norm == "sync_batch":  # the heads' BatchNorm1d layers (linear_bn, the model branch) too
+        from pipeline.models.global_batch_norm import to_global_batch_norm
+
+        to_global_batch_norm(net)
+    return net
 
 
 def initial_state(cfg) -> dict:
