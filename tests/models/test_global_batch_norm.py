@@ -74,12 +74,37 @@ def check(rank, shape_tail, plain_cls, momentum, steps):
         torch.testing.assert_close(bn.eval()(x), ref_bn.eval()(x), **TOL)
 
 
+def small_net():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)).double()
+
+
+def check_under_ddp(rank):
+    """Wrapped in DDP (its gradient all-reduces interleave with the layer's own collectives in
+    backward), the averaged gradient is the one process's gradient of the mean rank loss."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(sum(ROWS), 3, 5, 5, generator=gen, dtype=torch.float64)
+    w = torch.randn(sum(ROWS), 2, generator=gen, dtype=torch.float64)
+    own = slice(sum(ROWS[:rank]), sum(ROWS[: rank + 1]))
+    ref = small_net()
+    ((ref(x) * w).sum() / WORLD).backward()
+    ddp = DDP(to_global_batch_norm(small_net()))
+    for _ in range(2):  # the second step checks that nothing is left pending after the first
+        ddp.zero_grad()
+        (ddp(x[own]) * w[own]).sum().backward()
+    for (name, p), q in zip(ddp.module.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
 def worker(rank, init_file):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         check(rank, (4, 3, 5), nn.BatchNorm2d, 0.1, steps=2)
         check(rank, (6,), nn.BatchNorm1d, None, steps=3)  # cumulative running averages
+        check_under_ddp(rank)
     finally:
         dist.destroy_process_group()
 
