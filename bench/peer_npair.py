@@ -2,7 +2,7 @@
 
     python bench/peer_npair.py [--data DIR] [--steps 1500] [--n 32] [--dim 64] [--backbone small]
                                [--seeds 0 1 2] [--mine [--mined-only]] [--dot] [--only peer|ours]
-                               [-- key=value ...]
+                               [--device auto|cpu|cuda] [--out FILE] [-- key=value ...]
 
 On one shard set (``--data``: ``DIR/train``, ``DIR/holdout``, ``DIR/exemplars`` as
 ``jobs.make_shards`` writes them; default the quickstart data, made if missing) both sides
@@ -26,7 +26,13 @@ seeded initial weights), no augmentation, and the same held-out evaluation
   ours only (e.g. ``model.norm=group``).
 
 Prints one line per run (Recall@1, untrained Recall@1, train wall seconds), a table of means
-and standard deviations over seeds, and a final JSON line; writes ``bench/out/peer_npair-<data name>.json``.
+and standard deviations over seeds, and a final JSON line; writes ``--out`` (default
+``bench/out/peer_npair-<data name>.json``) after every run, so a run cut short by a time
+limit (a lent GPU machine) keeps what it finished.
+
+``--device cuda`` (``auto``: cuda when torch sees a GPU): the peer trains and embeds on the
+GPU, and ours runs with ``scaling.use_gpu=true scaling.num_workers=1`` (one GPU: one DDP
+worker holding all N classes; override after ``--`` on a machine with more).
 Both sides share the 2 cores of this machine in turn, never at once; wall-time ratios are
 within one side (mined vs random), measured in the same invocation.
 """
@@ -64,13 +70,14 @@ def load_split(data: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarra
     return images, np.asarray(index.label, dtype=np.int64)[ids][ok]
 
 
-def embed(model, images: np.ndarray, batch: int = 256) -> np.ndarray:
+def embed(model, images: np.ndarray, batch: int = 256, device: str = "cpu") -> np.ndarray:
     """The model's embeddings of ``images`` in eval mode (no gradients), float32."""
     import torch
 
     model.eval()
     with torch.inference_mode():
-        out = [model(torch.from_numpy(images[i:i + batch])).float().numpy() for i in range(0, len(images), batch)]
+        out = [model(torch.from_numpy(images[i:i + batch]).to(device)).float().cpu().numpy()
+               for i in range(0, len(images), batch)]
     model.train()
     return np.concatenate(out)
 
@@ -106,8 +113,9 @@ def train_peer(args, seed: int, mine: bool, train: tuple[np.ndarray, np.ndarray]
     if (counts < 2).any():
         raise SystemExit(f"peer: {int((counts < 2).sum())} training classes have fewer than 2 images")
     torch.manual_seed(seed)  # the same initial weights as jobs.train (pipeline.models.initial_state)
-    model = build_model(ModelConfig(backbone=args.backbone, embedding_dim=args.dim, norm=args.norm))
-    untrained = retrieval_metrics(embed(model, hold[0]), hold[1], ks=(1,), seed=seed)["recall@1"]
+    device = args.device
+    model = build_model(ModelConfig(backbone=args.backbone, embedding_dim=args.dim, norm=args.norm)).to(device)
+    untrained = retrieval_metrics(embed(model, hold[0], device=device), hold[1], ks=(1,), seed=seed)["recall@1"]
     distance = DotProductSimilarity(normalize_embeddings=not args.dot)
     loss_fn = NPairsLoss(distance=distance, embedding_regularizer=LpRegularizer(power=2),
                          embedding_reg_weight=args.l2_reg)
@@ -118,7 +126,7 @@ def train_peer(args, seed: int, mine: bool, train: tuple[np.ndarray, np.ndarray]
     for step in range(args.steps):
         if mine and step % REFRESH_EVERY == 0:
             pick = np.stack([starts + rng.integers(0, counts), starts + rng.integers(0, counts)], axis=1)
-            e = embed(model, images[pick.ravel()]).reshape(len(classes), 2, -1).mean(1)
+            e = embed(model, images[pick.ravel()], device=device).reshape(len(classes), 2, -1).mean(1)
             class_emb = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         if mine:
             pool = rng.choice(len(classes), size=min(args.pool, len(classes)), replace=False)
@@ -126,13 +134,15 @@ def train_peer(args, seed: int, mine: bool, train: tuple[np.ndarray, np.ndarray]
         else:
             chosen = rng.choice(len(classes), size=args.n, replace=False)
         rows = np.concatenate([starts[c] + rng.choice(counts[c], size=2, replace=False) for c in chosen])
-        emb = model(torch.from_numpy(images[rows]))
-        loss = loss_fn(emb, torch.from_numpy(labels[rows]))
+        emb = model(torch.from_numpy(images[rows]).to(device))
+        loss = loss_fn(emb, torch.from_numpy(labels[rows]).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if device != "cpu":
+        torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
-    r1 = retrieval_metrics(embed(model, hold[0]), hold[1], ks=(1,), seed=seed)["recall@1"]
+    r1 = retrieval_metrics(embed(model, hold[0], device=device), hold[1], ks=(1,), seed=seed)["recall@1"]
     return {"recall@1": r1, "untrained_recall@1": untrained, "train_s": train_s}
 
 
@@ -146,9 +156,21 @@ def train_ours(args, seed: int, mine: bool, data: Path, out_dir: Path) -> dict:
            f"loss.l2_reg={args.l2_reg}", f"train.seed={seed}", f"miner.enabled={str(mine).lower()}",
            f"miner.pool_classes={args.pool}", f"miner.refresh_every={REFRESH_EVERY}", "miner.exemplars_per_class=2",
            f"train.log_every={max(1, args.steps // 10)}", f"tracking.uri=sqlite:///{out_dir / 'mlflow.db'}",
-           "tracking.experiment=peer-npair", f"train.storage_path={out_dir / 'runs'}", *args.overrides]
+           "tracking.experiment=peer-npair", f"train.storage_path={out_dir / 'runs'}",
+           *(["scaling.use_gpu=true", "scaling.num_workers=1"] if args.device == "cuda" else []), *args.overrides]
     m = run_job(cmd)["metrics"]
     return {"recall@1": m["recall@1"], "untrained_recall@1": m["untrained_recall@1"], "train_s": m["train_time_s"]}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per (side, batches): Recall@1 mean, population sd and per seed, and the mean train seconds."""
+    summary = {}
+    for key in dict.fromkeys(f"{r['side']}_{'mined' if r['mined'] else 'random'}" for r in runs):
+        rows = [r for r in runs if f"{r['side']}_{'mined' if r['mined'] else 'random'}" == key]
+        r1 = [r["recall@1"] for r in rows]
+        summary[key] = {"recall@1_mean": statistics.mean(r1), "recall@1_std": statistics.pstdev(r1), "per_seed": r1,
+                        "train_s_mean": statistics.mean(r["train_s"] for r in rows)}
+    return summary
 
 
 def main() -> int:
@@ -169,9 +191,16 @@ def main() -> int:
     p.add_argument("--dot", action="store_true", help="peer: unnormalised inner products (Sohn) instead of cosine")
     p.add_argument("--only", choices=["peer", "ours"], default=None, help="run one side only")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="peer: torch threads")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where both sides train (auto: cuda when torch sees a GPU)")
+    p.add_argument("--out", type=Path, default=None, help="result JSON (default bench/out/peer_npair-<data name>.json)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for jobs.train (after --)")
     args = p.parse_args()
     args.pool = args.pool or 4 * args.n
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     data = args.data.resolve() if args.data else quickstart_data()
     out_dir = ROOT / "bench/out"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +213,9 @@ def main() -> int:
         train, hold = load_split(data, "train", args.image_size), load_split(data, "holdout", args.image_size)
         print(f"[peer] {len(train[1])} train images ({len(np.unique(train[1]))} classes), {len(hold[1])} held out "
               f"({len(np.unique(hold[1]))} classes)", flush=True)
+    settings = {k: getattr(args, k) for k in ("steps", "n", "dim", "lr", "l2_reg", "backbone", "norm", "image_size",
+                                              "pool", "seeds", "dot", "device", "overrides")}
+    out_file = args.out or out_dir / f"peer_npair-{data.name}.json"
     runs = []
     for seed in args.seeds:
         for side in sides:
@@ -194,22 +226,14 @@ def main() -> int:
                 runs.append(row)
                 print(f"{side:>4} {'mined ' if mine else 'random'} seed {seed}: R@1 {res['recall@1']:.4f} "
                       f"(untrained {res['untrained_recall@1']:.4f}), train {res['train_s']:.1f}s", flush=True)
-    summary = {}
+                summary = summarise(runs)
+                out_file.write_text(json.dumps({"bench": "peer_npair", "data": str(data), "settings": settings,
+                                                "summary": summary, "runs": runs}, indent=1))
     print(f"\n{'side':>4} {'batches':>7} {'R@1 mean':>9} {'std':>7} {'train s':>8}   per seed")
-    for side in sides:
-        for mine in modes:
-            rows = [r for r in runs if r["side"] == side and r["mined"] == mine]
-            r1 = [r["recall@1"] for r in rows]
-            key = f"{side}_{'mined' if mine else 'random'}"
-            summary[key] = {"recall@1_mean": statistics.mean(r1), "recall@1_std": statistics.pstdev(r1),
-                            "train_s_mean": statistics.mean(r["train_s"] for r in rows)}
-            print(f"{side:>4} {'mined' if mine else 'random':>7} {summary[key]['recall@1_mean']:9.4f} "
-                  f"{summary[key]['recall@1_std']:7.4f} {summary[key]['train_s_mean']:8.1f}   "
-                  f"{', '.join(f'{x:.3f}' for x in r1)}")
-    settings = {k: getattr(args, k) for k in ("steps", "n", "dim", "lr", "l2_reg", "backbone", "norm", "image_size",
-                                              "pool", "seeds", "dot", "overrides")}
-    result = {"bench": "peer_npair", "data": str(data), "settings": settings, "summary": summary, "runs": runs}
-    (out_dir / f"peer_npair-{data.name}.json").write_text(json.dumps(result, indent=1))
+    for key, s in summary.items():
+        side, batches = key.split("_")
+        print(f"{side:>4} {batches:>7} {s['recall@1_mean']:9.4f} {s['recall@1_std']:7.4f} {s['train_s_mean']:8.1f}   "
+              f"{', '.join(f'{x:.3f}' for x in s['per_seed'])}")
     print(json.dumps({"bench": "peer_npair", "data": data.name, "steps": args.steps,
                       "recall@1": {k: round(v["recall@1_mean"], 4) for k, v in summary.items()}}))
     return 0

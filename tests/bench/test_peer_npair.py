@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from bench.peer_npair import greedy_classes, load_split, train_peer
+from bench.peer_npair import greedy_classes, load_split, summarise, train_peer
 
 
 def _brute_greedy(e: np.ndarray, first: int, n: int) -> list[int]:
@@ -42,10 +42,21 @@ def test_greedy_pick_matches_brute_force_and_prefers_look_alikes():
 @pytest.mark.parametrize("mine, dot", list(itertools.product([False, True], [False, True])))
 def test_a_few_peer_steps_train_and_evaluate(tiny_shards, mine, dot):
     args = argparse.Namespace(backbone="tiny", dim=8, norm="batch", dot=dot, l2_reg=0.002, lr=1e-3, steps=3, n=4,
-                              pool=8)
+                              pool=8, device="cpu")
     train, hold = load_split(tiny_shards, "train", 32), load_split(tiny_shards, "holdout", 32)
     assert train[0].shape == (160, 32, 32, 3) and len(np.unique(train[1])) == 20 and len(hold[1]) == 160
     res = train_peer(args, 0, mine, train, hold)
     assert 0 < res["recall@1"] <= 1 and 0 < res["untrained_recall@1"] <= 1 and res["train_s"] > 0
     again = train_peer(args, 0, mine, train, hold)
     assert again["untrained_recall@1"] == res["untrained_recall@1"]  # same seed, same initial weights
+
+
+def test_summary_per_side_and_batches_in_run_order():
+    runs = [{"side": "peer", "mined": False, "seed": s, "recall@1": r, "train_s": 10.0 + s} for s, r in enumerate([0.5, 0.7])]
+    runs.insert(1, {"side": "ours", "mined": True, "seed": 0, "recall@1": 0.9, "train_s": 3.0})
+    summary = summarise(runs)
+    assert list(summary) == ["peer_random", "ours_mined"]
+    assert summary["peer_random"]["recall@1_mean"] == pytest.approx(0.6)
+    assert summary["peer_random"]["recall@1_std"] == pytest.approx(0.1)  # population sd
+    assert summary["peer_random"]["per_seed"] == [0.5, 0.7] and summary["peer_random"]["train_s_mean"] == 10.5
+    assert summary["ours_mined"]["recall@1_std"] == 0.0
