@@ -121,7 +121,8 @@ def main() -> int:
             mining = arm != "random"
             t0 = time.time()
             cmd = [sys.executable, "-m", "jobs.train", "--config", str(ROOT / "configs/quickstart_mining.yaml"),
-                   *ARMS[arm], f"train.seed={seed}", f"train.steps={args.steps}",
+                   *ARMS[arm], "miner.hardness_every=10",  # hardness samples every 10 steps (default 50)
+                   f"train.seed={seed}", f"train.steps={args.steps}",
                    f"tracking.uri={uri}", f"tracking.experiment={args.experiment}",
                    f"train.storage_path={out_dir / 'runs'}", f"data.train={data / 'train'}",
                    f"data.eval={data / 'holdout'}",

@@ -120,6 +120,8 @@ class MinerConfig:
     """Images per class embedded at a refresh."""
     warmup_steps: int = 0
     """Global steps whose classes are drawn uniformly before the miner selects them (0: mine from the first step); the refreshes run from the start, so the miner is ready when mining begins. Trained from scratch on a hard data set, the young embedding puts together classes it cannot tell apart yet, and the greedy step then trains on one such cluster at a time (BENCHMARKS.md, mining at 1000 steps)."""
+    hardness_every: int = 50
+    """Every this many steps the planner adds a uniformly drawn side batch to every rank's slice and rank 0 logs the hardness of the trained batch against it (``mine/*`` vs ``mine/random_*``, gathered over ranks: is mining picking harder batches?); 0 = never. Each sample costs every rank a no-grad forward and the decoding of a side batch as large as its own: at 10 that was ~3% of the compute plus 10% more images decoded (BENCHMARKS.md, mining's wall time)."""
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     """FAISS index of class embeddings: flat, ivf or hnsw."""
     num_gpus: float = 0.0
@@ -268,6 +270,7 @@ class Config:
             ("miner.refresh_every", self.miner.refresh_every >= 1, "must be >= 1"),
             ("miner.pool_classes", self.miner.pool_classes >= 1, "must be >= 1"),
             ("miner.warmup_steps", self.miner.warmup_steps >= 0, "must be >= 0 (0 = mine from the first step)"),
+            ("miner.hardness_every", self.miner.hardness_every >= 0, "must be >= 0 (0 = no hardness samples)"),
             ("miner.ema_momentum", 0.0 <= self.miner.ema_momentum < 1.0, "must be in [0, 1)"),
             ("miner.push_every", self.miner.push_every >= 1, "must be >= 1"),
             ("miner.refresh_classes", self.miner.refresh_classes >= 0, "must be >= 0 (0 = every class)"),

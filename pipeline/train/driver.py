@@ -76,7 +76,7 @@ def run_training(cfg: Config) -> dict:
             cfg.batch.images_per_class, cfg.scaling.num_workers, cfg.train.seed, sampling=cfg.data.class_sampling,
             max_lead=lead, max_bad_fraction=cfg.data.max_bad_fraction,
             selector=miner.selector(cfg.miner.pool_classes) if miner else None,
-            random_every=10 if miner else 0, max_passes=cfg.data.epochs, cache_dir=cfg.data.cache_dir)
+            random_every=cfg.miner.hardness_every if miner else 0, max_passes=cfg.data.epochs, cache_dir=cfg.data.cache_dir)
         actors = miner.actors if miner else []
         datasets = build_train_datasets(cfg, report_name, int(latest["step"]) if latest else 0)
         worker = WorkerConfig(worker_config(cfg), uri, run_id, report_name, refresher=miner.refresher if miner else None,
