@@ -67,7 +67,7 @@ class ModelConfig:
     num_vehicle_models: int = 250
     """mixed_diff: classes of the vehicle-model classifier (VehicleID: 250); labels must be below it."""
     norm: Literal["batch", "group", "sync_batch"] = "batch"
-    """Normalisation layers: ``batch`` (BatchNorm, as published; in a DDP job each rank's statistics are its own rows'), ``group`` (GroupNorm in the backbone, up to 32 groups: per image, no batch statistics) or ``sync_batch`` (every BatchNorm layer takes its statistics over the global batch of all ranks, on any backend, gloo included). Measured on held-out classes (BENCHMARKS.md, factor table): ``batch`` beats ``group`` by 19 points with random batches and by 46 with mining."""
+    """Normalisation layers: ``batch`` (BatchNorm, as published; in a DDP job each rank's statistics are its own rows'), ``group`` (GroupNorm in the backbone, up to 32 groups: per image, no batch statistics) or ``sync_batch`` (every BatchNorm layer takes its statistics over the global batch of all ranks, on any backend, gloo included). Measured on held-out classes (BENCHMARKS.md, factor table): ``batch`` beats ``group`` by 19 points with random batches and by 46 with mining, and ``sync_batch`` by 2.5 (per-rank statistics of 8 classes vs the global batch's 16)."""
 
 
 @dataclass
