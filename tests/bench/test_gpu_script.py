@@ -26,7 +26,7 @@ def test_without_gpu_it_exits_2_with_a_clear_message():
 @pytest.mark.e2e
 def test_dry_run_measures_every_stage_on_cpu():
     p = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, f"stdout: {p.stdout[-2000:]}\nstderr: {p.stderr[-3000:]}"
     res = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
     assert res["dry_run"] is True and res["matmul_flops"] > 1e8
     assert set(res["synthetic"]) >= {"resnet50@224", "resnet50@112"}
