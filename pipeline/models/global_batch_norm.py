@@ -11,8 +11,8 @@ checks this against ``nn.BatchNorm2d`` on 2 gloo ranks).
 
 ``torch.nn.SyncBatchNorm`` does the same on CUDA only (it refuses CPU tensors, so a gloo
 job on CPUs could not use it); this module runs wherever ``torch.distributed`` runs. Cost:
-two all-reduces of C floats per layer and step (C = channels; the ``small`` backbone's
-four layers: 480 floats each), plus one of a single count. In eval mode, and without a
+two all-reduces per layer and step, of C + 1 and C floats (C = channels; the ``small``
+backbone's four layers: 480 channels together), and no host synchronisation. In eval mode, and without a
 process group of more than one rank, it is exactly ``BatchNorm``. Its state dict has
 BatchNorm's keys, so checkpoints move freely between ``model.norm: batch`` and
 ``sync_batch``.
@@ -47,12 +47,15 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(input)
         dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
-        count = torch.tensor([input.numel() / input.shape[1]], dtype=torch.float64, device=input.device)
-        dist.all_reduce(count)  # rows x positions of every rank; ranks may hold different batch sizes
-        n = float(count.item())
-        mean = all_reduce(input.sum(dims)) / n
+        acc = torch.promote_types(input.dtype, torch.float32)
+        # One all-reduce for the channel sums and, last, the rows x positions of every rank (ranks
+        # may hold different batch sizes); the count stays a tensor: no host sync in the step.
+        local = torch.cat([input.sum(dims, dtype=acc), input.new_full((1,), input.numel() / input.shape[1], dtype=acc)])
+        total = all_reduce(local)
+        n = total[-1].detach()
+        mean = (total[:-1] / n).to(input.dtype)
         centred = input - mean.view(shape)
-        var = all_reduce(centred.pow(2).sum(dims)) / n  # biased, as BatchNorm normalises with
+        var = (all_reduce(centred.pow(2).sum(dims, dtype=acc)) / n).to(input.dtype)  # biased, as BatchNorm normalises with
         if self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), n)
         out = centred * torch.rsqrt(var + self.eps).view(shape)
@@ -61,12 +64,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return out
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
         """BatchNorm's update: an EMA with ``momentum`` (a cumulative mean when None) of the mean
         and of the unbiased variance."""
         self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased = var * (n / max(n - 1.0, 1.0))
+        unbiased = var * (n / (n - 1.0).clamp(min=1.0)).to(var.dtype)
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
