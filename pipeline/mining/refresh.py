@@ -283,6 +283,12 @@ class MinerSession:
     """M (``batch.images_per_class``): a class is active while it has M unused samples."""
     warmup_steps: int = 0
     """``miner.warmup_steps``: steps planned with uniform classes before the miner selects."""
+    select_at: str = "miner"
+    """``miner.select_at``: where the greedy step runs (``auto``, ``planner``, ``miner``)."""
+    dim: int = 0
+    """The embedding size (``model.embedding_dim``): the planner's table copy's width."""
+    table_every: int = 5
+    """Selections between two table calls of a planner that selects on a copy."""
 
     def selector(self, pool_classes: int):
         """A picklable factory of the planner's selector (``pipeline.mining.selector.MinedSelector``), called with the class labels."""
@@ -292,7 +298,8 @@ class MinerSession:
 
         return functools.partial(MinedSelector, miner=self.miner, pool_classes=pool_classes, timeout_s=self.timeout_s,
                                  candidates=self.candidates, images_per_class=self.images_per_class,
-                                 warmup_steps=self.warmup_steps)
+                                 warmup_steps=self.warmup_steps, select_at=self.select_at, dim=self.dim,
+                                 table_every=self.table_every)
 
 
 def start_miner(cfg, uri: str, run_id: str) -> MinerSession:
@@ -322,7 +329,11 @@ def start_miner(cfg, uri: str, run_id: str) -> MinerSession:
     name = miner_name(run_id)
     miner = get_or_create_miner(name, dim=cfg.model.embedding_dim, index=cfg.miner.index,
                                 num_gpus=cfg.miner.num_gpus)
-    session = MinerSession([miner], None, name, cfg.miner.timeout_s, cfg.miner.candidates, cfg.batch.images_per_class, cfg.miner.warmup_steps)
+    # A planner that selects on a copy asks for the table about twice per change of it.
+    changes_every = cfg.miner.push_every if cfg.miner.source == "ema" else cfg.miner.refresh_every
+    session = MinerSession([miner], None, name, cfg.miner.timeout_s, cfg.miner.candidates, cfg.batch.images_per_class,
+                           cfg.miner.warmup_steps, cfg.miner.select_at, cfg.model.embedding_dim,
+                           max(1, changes_every // 2))
     if cfg.miner.source == "ema":
         print(f"[train] miner {name}: EMA of the trained class means, pushed every {cfg.miner.push_every} steps",
               flush=True)

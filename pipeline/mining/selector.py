@@ -1,9 +1,12 @@
 """The hard negative class miner as the batch planner's selector (Sohn 2016's greedy step).
 
 Per step, a candidate set of C = ``miner.pool_classes`` *active* classes (classes with at
-least M unused samples this pass), then the miner actor's greedy selection of N mutually
-hard classes among them (``pipeline.mining.actor.MinerClient``: random when the miner does
-not answer in time, counted as ``fallbacks``). With C <= N every candidate is taken.
+least M unused samples this pass), then Sohn's greedy selection of N mutually hard classes
+among them, by the miner actor (``pipeline.mining.actor.MinerClient``: random when the miner
+does not answer in time, counted as ``fallbacks``) or, with ``miner.select_at: planner``, here
+on a copy of the miner's class table that is refreshed every few steps without waiting
+(``TableCopyClient``: no actor call per step; ``auto``, the default, copies tables of up to
+64 MiB, 32k classes at d = 512). With C <= N every candidate is taken.
 
 ``miner.candidates``:
 
@@ -31,7 +34,7 @@ import math
 
 import numpy as np
 
-from pipeline.mining.actor import MinerClient
+from pipeline.mining.actor import LOCAL_TABLE_MAX_BYTES, MinerClient, TableCopyClient
 
 OVERFETCH = 1.25
 """Margin on the expected number of neighbours needed to find C - 1 active ones."""
@@ -47,12 +50,22 @@ class MinedSelector:
 
     def __init__(self, labels: np.ndarray, miner: str, pool_classes: int, timeout_s: float = 2.0,
                  candidates: str = "random", images_per_class: int = 2, client=None,
-                 warmup_steps: int = 0) -> None:
+                 warmup_steps: int = 0, select_at: str = "miner", dim: int = 0, table_every: int = 5) -> None:
         if candidates not in ("random", "knn"):
             raise ValueError(f"miner.candidates must be 'random' or 'knn', got {candidates!r}")
+        if select_at not in ("auto", "planner", "miner"):
+            raise ValueError(f"miner.select_at must be 'auto', 'planner' or 'miner', got {select_at!r}")
         self.labels = np.asarray(labels, dtype=np.int64)
         self._order = np.argsort(self.labels, kind="stable")
         self._sorted = self.labels[self._order]
+        if select_at == "auto":
+            select_at = "planner" if len(self.labels) * (8 + 4 * dim) <= LOCAL_TABLE_MAX_BYTES else "miner"
+        self.select_at = select_at
+        """Where selections are made: ``planner`` (on a copy of the class table, `TableCopyClient`) or ``miner``."""
+        if client is None and select_at == "planner":
+            if dim < 1:
+                raise ValueError("MinedSelector: select_at 'planner' needs the embedding size (dim)")
+            client = TableCopyClient(miner, dim, timeout_s=timeout_s, every=table_every)
         self.client = client if client is not None else MinerClient(miner, timeout_s=timeout_s)
         self.pool_classes = int(pool_classes)
         self.candidates = candidates

@@ -67,11 +67,14 @@ def pass_state(seed):
     return active, remaining
 
 
+@pytest.mark.parametrize("select_at", ["miner", "planner"])
 @pytest.mark.parametrize("seed", range(6))
-def test_knn_selection_matches_brute_force(miner, seed):
+def test_knn_selection_matches_brute_force(miner, seed, select_at):
     _, emb = miner
     active, remaining = pass_state(seed)
-    sel = MinedSelector(LABELS, "miner-selector-test", pool_classes=40, candidates="knn", images_per_class=M)
+    sel = MinedSelector(LABELS, "miner-selector-test", pool_classes=40, candidates="knn", images_per_class=M,
+                        select_at=select_at, dim=DIM)
+    assert sel.select_at == select_at
     got = sel(active, 12, np.random.default_rng(seed), remaining).tolist()
     assert got == reference_knn(emb, active, remaining, 40, 12, seed)
     assert len(set(got)) == 12 and (remaining[got] >= M).all()  # distinct, active only
@@ -80,14 +83,30 @@ def test_knn_selection_matches_brute_force(miner, seed):
     assert sel(active, 12, np.random.default_rng(seed), remaining).tolist() == got
 
 
+@pytest.mark.parametrize("select_at", ["miner", "planner"])
 @pytest.mark.parametrize("seed", range(4))
-def test_random_selection_matches_brute_force(miner, seed):
+def test_random_selection_matches_brute_force(miner, seed, select_at):
     _, emb = miner
     active, remaining = pass_state(seed)
-    sel = MinedSelector(LABELS, "miner-selector-test", pool_classes=40, candidates="random", images_per_class=M)
+    sel = MinedSelector(LABELS, "miner-selector-test", pool_classes=40, candidates="random", images_per_class=M,
+                        select_at=select_at, dim=DIM)
     got = sel(active, 12, np.random.default_rng(seed), remaining).tolist()
     assert got == reference_random(emb, active, 40, 12, seed)
     assert len(set(got)) == 12 and (remaining[got] >= M).all()
+    assert sel.fallbacks == 0 and sel.last_version == 1
+
+
+def test_auto_selects_in_the_planner_up_to_64_mib_of_table():
+    small = MinedSelector(LABELS, "x", pool_classes=40, select_at="auto", dim=512)
+    assert small.select_at == "planner"
+    # 32,768 classes x (8 + 4 x 512) bytes = 64.25 MiB: past the limit, the miner selects.
+    big = MinedSelector(np.arange(32_768), "x", pool_classes=40, select_at="auto", dim=512)
+    assert big.select_at == "miner"
+    assert MinedSelector(np.arange(32_000), "x", pool_classes=40, select_at="auto", dim=512).select_at == "planner"
+    with pytest.raises(ValueError, match="select_at"):
+        MinedSelector(LABELS, "x", pool_classes=40, select_at="gpu", dim=DIM)
+    with pytest.raises(ValueError, match="dim"):
+        MinedSelector(LABELS, "x", pool_classes=40, select_at="planner")
 
 
 def test_knn_candidates_are_near_and_harder_than_random(miner):
