@@ -27,6 +27,7 @@ FIXED_KEYS = {
     "miner.candidates": ("kn", "knn"),
     "miner.source": ("emma", "ema"),
     "miner.refresh_by": ("trainer", "trainers"),
+    "miner.select_at": ("planer", "planner"),
 }
 
 
@@ -83,7 +84,7 @@ def _env():
 
 
 def test_print_config_round_trips(tmp_path):
-    overrides = ["train.steps=7", "loss.name=triplet", "loss.margin=0.3", "eval.ks=[1,5]", "miner.index=hnsw"]
+    overrides = ["train.steps=7", "loss.name=triplet", "loss.scale=0", "loss.margin=0.3", "eval.ks=[1,5]", "miner.index=hnsw"]
     p = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "configs/quickstart.yaml", "--print-config",
                         *overrides], cwd=_repo(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
