@@ -10,7 +10,8 @@ each mining arm is compared with is the ``random`` arm of the same repetition (`
 false, everything else equal). Per run it reads:
 
 * ``train_time_s`` (the final JSON line) and the median of ``train/images_per_s`` over the log
-  steps from ``--from-step`` on (MLflow; past the warm-up, robust to a burst of load);
+  steps from ``--from-step`` on (MLflow; past the warm-up, robust to a burst of load); for the
+  mining arms, the median ``mine/select_ms`` (the planner's time per step selection) after the warm-up;
 * CPU seconds per role, from ``/proc`` sampled every second while the job runs (Linux): each
   process's CPU time since the last sample goes to the role its title names at that sample
   (Ray workers change titles as they take tasks): ``trainers`` (``RayTrainWorker``), ``stream``
@@ -138,14 +139,14 @@ class CpuByRole:
         return False
 
 
-def median_throughput(uri: str, run_id: str, from_step: int) -> float:
-    """Median of ``train/images_per_s`` over the log steps >= ``from_step``."""
+def median_metric(uri: str, run_id: str, key: str, from_step: int) -> float:
+    """Median of metric ``key`` over its steps >= ``from_step``; raises SystemExit when there is none."""
     from mlflow.tracking import MlflowClient
 
-    hist = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/images_per_s")
+    hist = MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)
     vals = [m.value for m in hist if m.step >= from_step]
     if not vals:
-        raise SystemExit(f"run {run_id}: no train/images_per_s at step >= {from_step}")
+        raise SystemExit(f"run {run_id}: no {key} at step >= {from_step}")
     return statistics.median(vals)
 
 
@@ -207,11 +208,14 @@ def main() -> int:
                 raise SystemExit(f"run failed: {' '.join(cmd)}")
             res = json.loads(stdout.strip().splitlines()[-1])
             row = {"rep": rep, "arm": arm, "run_id": res["run_id"], "train_time_s": res["metrics"]["train_time_s"],
-                   "median_images_per_s": median_throughput(uri, res["run_id"], args.from_step),
+                   "median_images_per_s": median_metric(uri, res["run_id"], "train/images_per_s", args.from_step),
                    "wall_s": time.time() - t0, "cpu_s": {k: round(v, 2) for k, v in cpu.seconds.items()}}
+            if arm != "random":  # the planner's time per selection, past the warm-up
+                row["median_select_ms"] = median_metric(uri, res["run_id"], "mine/select_ms", 129)
             rows.append(row)
+            sel = f", select {row['median_select_ms']:.2f} ms" if "median_select_ms" in row else ""
             print(f"rep {rep} {arm:11s}: train {row['train_time_s']:.1f}s, median {row['median_images_per_s']:.0f} "
-                  f"img/s, CPU " + " ".join(f"{k} {v:.1f}" for k, v in row["cpu_s"].items()), flush=True)
+                  f"img/s{sel}, CPU " + " ".join(f"{k} {v:.1f}" for k, v in row["cpu_s"].items()), flush=True)
             out_json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": rows},
                                            indent=1))
     summary = ratios(rows)
