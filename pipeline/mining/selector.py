@@ -23,8 +23,11 @@ on a copy of the miner's class table that is refreshed every few steps without w
   finding fewer), leaves places that are drawn uniformly from the active classes, counted
   in ``filled`` (the miner keeps the count: ``MinerActor.stats``).
 
-Cost per step: random, O(C) here; knn, one FAISS query for k ~ 1.25 C neighbours (flat:
-O(classes x d); ivf/hnsw: sublinear) and one extra actor call. Memory: the class labels
+Cost per step: random, O(C) here plus the greedy step (O(N C d)); knn, one FAISS query for
+k ~ 1.25 C neighbours (flat: O(classes x d); ivf/hnsw: sublinear). With ``select_at: miner``
+each of them is an actor call (select; knn also neighbours); with ``planner`` they run here
+on the copy (knn: an exact flat search over it) and one table call is sent every
+``table_every`` steps. Memory: the class labels
 sorted (16 bytes per class: 0.2 MB at CASIA-WebFace, 32 MB at WebFace42M).
 """
 
