@@ -24,7 +24,8 @@ false, everything else equal). Per run it reads:
 Arms (``ARMS``): ``random``; ``ema`` (``miner.source: ema``, the greedy step in the planner on a
 copy of the class table, ``miner.select_at: planner``); ``ema_miner`` (the same, selected by the
 miner actor at every step, as before ``select_at``); ``mined`` (exemplars embedded by the
-refresher actor, selection in the planner); ``mined_miner``. Prints one line per run, a table of
+refresher actor, selection in the planner); ``mined_miner``; ``trainers`` (exemplars embedded by
+the training workers, ``miner.refresh_by: trainers``: no Ray Data pipeline per refresh). Prints one line per run, a table of
 ratios to random per repetition, and a final JSON line; writes ``--out`` after every run.
 """
 
@@ -51,6 +52,8 @@ ARMS = {
     "ema_miner": ["miner.enabled=true", "miner.source=ema", "miner.select_at=miner"],
     "mined": ["miner.enabled=true", "miner.source=exemplars", "miner.select_at=planner"],
     "mined_miner": ["miner.enabled=true", "miner.source=exemplars", "miner.select_at=miner"],
+    "trainers": ["miner.enabled=true", "miner.source=exemplars", "miner.refresh_by=trainers",
+                 "miner.select_at=planner"],
 }
 
 ROLES = ("trainers", "stream", "planner", "miner", "refresher", "driver", "ray", "other")
