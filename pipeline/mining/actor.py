@@ -276,6 +276,10 @@ class MinerClient:
         if got is not None:
             self.last_version = got[0]
             return got[1]
+        return self._fallback(cand, n, rng)
+
+    def _fallback(self, cand: np.ndarray, n: int, rng: np.random.Generator) -> list[int]:
+        """A uniformly random answer from the caller's rng, counted in ``fallbacks``."""
         self.fallbacks += 1
         self.last_version = -1
         return rng.choice(cand, size=n, replace=False).tolist()
@@ -406,9 +410,7 @@ class TableCopyClient(MinerClient):
         self.sync(wait=self._life is None)
         self._since_call += 1
         if self._life is None:
-            self.fallbacks += 1
-            self.last_version = -1
-            return rng.choice(cand, size=n, replace=False).tolist()
+            return self._fallback(cand, n, rng)
         picked = self._snap.select(cand, n, np.random.default_rng(seed), first=None if first is None else int(first))
         self.last_version = self._snap.version
         self._counts["unembedded"] += int(np.count_nonzero(self._snap.rows_of(np.asarray(picked)) < 0))
