@@ -143,7 +143,7 @@ def train_rate(torch, device, model, size: int, batch: int, steps: int, compile_
 
 
 def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir: str, decode_device: str = "cpu",
-                   device=None):
+                   device=None, n_steps: int | None = None):
     """Synthetic JPEG shards -> the project's Ray Data stream -> (images, labels) tensors.
 
     ``decode_device``: ``cpu`` (the stream's actors decode; rows carry pixels) or ``cuda`` (rows
@@ -167,7 +167,7 @@ def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir:
     from pipeline.runtime import init_ray
 
     init_ray(max(8, os.cpu_count() or 1))  # local (loopback only) unless RAY_ADDRESS is set
-    steps = 20 * n_cls * per // (2 * classes_per_batch)  # ~20 passes
+    steps = n_steps or 20 * n_cls * per // (2 * classes_per_batch)  # default ~20 passes
     cfg = load_config(None, [f"data.train={workdir}/train", f"data.image_size={size}", "scaling.num_workers=1",
                              f"batch.classes_per_batch={classes_per_batch}", f"train.steps={steps}",
                              f"data.decode_concurrency={2 if dry else max(2, (os.cpu_count() or 2) - 2)}"])
@@ -283,9 +283,12 @@ def main() -> int:
         ref = ceilings.get("resnet50@224", {}).get("images_per_s") or 1.0
         res["stream"] = {}
         for decode_device in ("cpu", "cuda"):
-            batches = stream_batches(torch, size, batch // 2, dry, work, decode_device, device)
+            # A stream of exactly the steps train_rate takes (+3 warm-up), then read to its end:
+            # Ray Data stops its prefetcher threads only at a stream's end (stop_ray_data_prefetchers).
+            batches = stream_batches(torch, size, batch // 2, dry, work, decode_device, device, n_steps=steps * 2 + 3)
             r = train_rate(torch, device, build("resnet50", torch, dry), size, batch, steps * 2, args.compile, batches)
-            batches.close()
+            left = sum(1 for _ in batches)
+            assert left == 0, f"the stream had {left} steps more than train_rate took"
             r["ratio_to_synthetic"] = r["images_per_s"] / ref
             res["stream"][f"decode_{decode_device}"] = r
             print(f"[gpu] stream resnet50@{size}, data.decode_device={decode_device}: {r['images_per_s']:.0f} img/s "
