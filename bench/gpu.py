@@ -148,7 +148,9 @@ def stream_batches(torch, size: int, classes_per_batch: int, dry: bool, workdir:
 
     ``decode_device``: ``cpu`` (the stream's actors decode; rows carry pixels) or ``cuda`` (rows
     carry JPEG bytes, decoded here on ``device`` by the train loop's own ``decode_batch``; on a
-    dry run the same path decodes on the CPU)."""
+    dry run the same path decodes on the CPU). ``n_steps``: the stream's length in steps
+    (default ~20 passes over the shards); read a stream to its end, so that Ray Data stops its
+    iterator threads."""
     import ray
 
     from pipeline.config import load_config
