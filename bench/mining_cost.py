@@ -25,8 +25,9 @@ Arms (``ARMS``): ``random``; ``ema`` (``miner.source: ema``, the greedy step in 
 copy of the class table, ``miner.select_at: planner``); ``ema_miner`` (the same, selected by the
 miner actor at every step, as before ``select_at``); ``mined`` (exemplars embedded by the
 refresher actor, selection in the planner); ``mined_miner``; ``trainers`` (exemplars embedded by
-the training workers, ``miner.refresh_by: trainers``: no Ray Data pipeline per refresh). Prints one line per run, a table of
-ratios to random per repetition, and a final JSON line; writes ``--out`` after every run.
+the training workers, ``miner.refresh_by: trainers``: no Ray Data pipeline per refresh). Prints
+one line per run, a table of ratios to random per repetition, and a final JSON line; writes
+``--out`` after every run.
 """
 
 from __future__ import annotations

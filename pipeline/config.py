@@ -123,7 +123,7 @@ class MinerConfig:
     hardness_every: int = 50
     """Every this many steps the planner adds a uniformly drawn side batch to every rank's slice and rank 0 logs the hardness of the trained batch against it (``mine/*`` vs ``mine/random_*``, gathered over ranks: is mining picking harder batches?); 0 = never. Each sample costs every rank a no-grad forward and the decoding of a side batch as large as its own: at 10 that was ~3% of the compute plus 10% more images decoded (BENCHMARKS.md, mining's wall time)."""
     select_at: Literal["auto", "planner", "miner"] = "auto"
-    """Where Sohn's greedy step runs: ``miner`` (the planner asks the miner actor at every step), ``planner`` (on a copy of the miner's class table that the planner refreshes every few steps without waiting: no actor call per step; the copy is C x (8 + 4 d) bytes, 21.6 MB at CASIA-WebFace) or ``auto`` (``planner`` for tables of up to 64 MiB, 32k classes at d = 512; else ``miner``)."""
+    """Where Sohn's greedy step runs: ``miner`` (the planner asks the miner actor at every step), ``planner`` (on a copy of the miner's class table that the planner refreshes every few steps without waiting: no actor call per step; the table sent is C x (8 + 4 d) bytes, 21.6 MB at CASIA-WebFace at d = 512, the copy with its sorted id index C x (24 + 4 d), 21.8 MB) or ``auto`` (``planner`` for tables of up to 64 MiB, 32k classes at d = 512; else ``miner``)."""
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     """FAISS index of class embeddings: flat, ivf or hnsw."""
     num_gpus: float = 0.0
