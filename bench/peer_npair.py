@@ -20,10 +20,14 @@ seeded initial weights), no augmentation, and the same held-out evaluation
   (eval mode) and their normalised means kept; each step draws ``--pool`` candidate classes
   and picks N greedily (a random first class, then the candidate most similar to any chosen).
 * **ours**: ``python -m jobs.train`` (``configs/quickstart.yaml`` plus the same settings as
-  overrides; 2 Ray Train workers, N/2 classes per rank, cross-rank negatives, N-pair-mc on
-  unnormalised embeddings with L2 penalty ``--l2-reg``); ``--mine`` adds a run with
+  overrides; 2 Ray Train workers, N/2 classes per rank, cross-rank negatives, N-pair-mc as
+  the config sets it (16 x cosine, ``loss.scale: 16``) with L2 penalty ``--l2-reg``); ``--mine`` adds a run with
   ``miner.enabled=true``, the same pool and refresh interval. Overrides after ``--`` go to
-  ours only (e.g. ``model.norm=group``).
+  ours only (e.g. ``model.norm=group``). Ours runs with ``eval.every=0``: like the peer, it
+  reports the network of its last step. (Until 2026-12-07 it kept the quickstart config's
+  ``eval.every: 100``, which makes the best of 15 checkpoints, chosen on (a 2,000-image part
+  of) the held-out set, the run's result: that flattered ours by 0.1-0.4 points per arm on the
+  quickstart data, 1.5 in one run; BENCHMARKS.md, session of 2026-12-07 03:43 UTC.)
 
 Prints one line per run (Recall@1, untrained Recall@1, train wall seconds), a table of means
 and standard deviations over seeds, and a final JSON line; writes ``--out`` (default
@@ -146,19 +150,23 @@ def train_peer(args, seed: int, mine: bool, train: tuple[np.ndarray, np.ndarray]
     return {"recall@1": r1, "untrained_recall@1": untrained, "train_s": train_s}
 
 
-def train_ours(args, seed: int, mine: bool, data: Path, out_dir: Path) -> dict:
-    """One ``jobs.train`` run at the peer's settings; returns its ``recall@1``, ``untrained_recall@1``, ``train_s``."""
-    cmd = [sys.executable, "-m", "jobs.train", "--config", str(ROOT / "configs/quickstart.yaml"),
+def ours_command(args, seed: int, mine: bool, data: Path, out_dir: Path) -> list[str]:
+    """The ``jobs.train`` command line of one run at the peer's settings (``args`` as ``main`` parses them)."""
+    return [sys.executable, "-m", "jobs.train", "--config", str(ROOT / "configs/quickstart.yaml"),
            f"data.train={data / 'train'}", f"data.eval={data / 'holdout'}", f"data.exemplars={data / 'exemplars'}",
            f"data.image_size={args.image_size}", "data.augment=none", f"model.backbone={args.backbone}",
            f"model.embedding_dim={args.dim}", f"model.norm={args.norm}", f"batch.classes_per_batch={args.n}",
            f"train.steps={args.steps}", "train.optimizer=adam", f"train.lr={args.lr}", "train.weight_decay=0",
            f"loss.l2_reg={args.l2_reg}", f"train.seed={seed}", f"miner.enabled={str(mine).lower()}",
            f"miner.pool_classes={args.pool}", f"miner.refresh_every={REFRESH_EVERY}", "miner.exemplars_per_class=2",
-           f"train.log_every={max(1, args.steps // 10)}", f"tracking.uri=sqlite:///{out_dir / 'mlflow.db'}",
+           f"train.log_every={max(1, args.steps // 10)}", "eval.every=0", f"tracking.uri=sqlite:///{out_dir / 'mlflow.db'}",
            "tracking.experiment=peer-npair", f"train.storage_path={out_dir / 'runs'}",
            *(["scaling.use_gpu=true", "scaling.num_workers=1"] if args.device == "cuda" else []), *args.overrides]
-    m = run_job(cmd)["metrics"]
+
+
+def train_ours(args, seed: int, mine: bool, data: Path, out_dir: Path) -> dict:
+    """One ``jobs.train`` run at the peer's settings; returns its ``recall@1``, ``untrained_recall@1``, ``train_s``."""
+    m = run_job(ours_command(args, seed, mine, data, out_dir))["metrics"]
     return {"recall@1": m["recall@1"], "untrained_recall@1": m["untrained_recall@1"], "train_s": m["train_time_s"]}
 
 

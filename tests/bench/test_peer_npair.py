@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from bench.peer_npair import greedy_classes, load_split, summarise, train_peer
+from bench.peer_npair import greedy_classes, load_split, ours_command, summarise, train_peer
 
 
 def _brute_greedy(e: np.ndarray, first: int, n: int) -> list[int]:
@@ -60,3 +60,19 @@ def test_summary_per_side_and_batches_in_run_order():
     assert summary["peer_random"]["recall@1_std"] == pytest.approx(0.1)  # population sd
     assert summary["peer_random"]["per_seed"] == [0.5, 0.7] and summary["peer_random"]["train_s_mean"] == 10.5
     assert summary["ours_mined"]["recall@1_std"] == 0.0
+
+
+@pytest.mark.parametrize("mine", [False, True])
+def test_ours_reports_its_last_step_like_the_peer(tmp_path, mine):
+    """jobs.train's config from ours' command: the peer's settings, and no best-checkpoint pick on the held-out set."""
+    from pipeline.config import load_config
+
+    args = argparse.Namespace(backbone="resnet18", dim=64, norm="batch", l2_reg=0.002, lr=1e-3, steps=1500, n=32,
+                              pool=128, device="cpu", image_size=64, overrides=["miner.warmup_steps=128"])
+    cmd = ours_command(args, 2, mine, tmp_path / "data", tmp_path / "out")
+    assert cmd[1:4] == ["-m", "jobs.train", "--config"]
+    cfg = load_config(cmd[4], cmd[5:])
+    assert cfg.eval.every == 0  # the run's result is its last step's network (quickstart.yaml evaluates every 100)
+    assert (cfg.model.backbone, cfg.batch.classes_per_batch, cfg.train.steps, cfg.train.seed) == ("resnet18", 32, 1500, 2)
+    assert (cfg.miner.enabled, cfg.miner.pool_classes, cfg.miner.warmup_steps) == (mine, 128, 128)
+    assert cfg.data.eval == str(tmp_path / "data" / "holdout") and cfg.data.augment == "none"
