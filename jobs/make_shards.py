@@ -13,6 +13,9 @@ synthetic: blobs in families of 4 look-alike classes (the quickstart's data). sy
   set: pipeline.data.synthetic_shapes); --images-per-class LO-HI draws each class's count in that range.
 imagefolder/synthetic*: a random --holdout-fraction of identities held out (default 0.5; the
   job says how many; --holdout-fraction 0 trains on all of them).
+--val-fraction F (any layout, default 0): a random fraction F of the identities not held out go to
+  OUT/val instead of OUT/train: a validation split for eval.data, on which the run picks its best
+  checkpoint, so that the figures reported on OUT/holdout are not chosen on them.
 webface: ROOT/<identity>/<nnn>.jpg, a random --holdout-fraction of identities held out (default 0.02).
 vehicleid: train_list.txt -> OUT/train; the union of the test lists -> OUT/holdout (the lists are
   copied to OUT/); per-sample vehicle model and colour labels (-1 = unknown).
@@ -67,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout-fraction", type=float, default=None,
                    help="fraction of classes held out for evaluation (default 0.5; webface 0.02; "
                         "fixed by vehicleid and lfw)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="fraction of the classes not held out written to OUT/val instead of OUT/train: a validation "
+                        "split for eval.data (default 0: none)")
     p.add_argument("--shard-size", type=int, default=1000, help="max images per shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="parallel shard writers (0 = number of cores)")
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = write_shards(scan.classes, args.out, holdout_fraction=holdout, shard_size=args.shard_size,
                                 seed=args.seed, workers=args.workers or None, layout=args.layout,
                                 problems=scan.problems, exemplars=args.exemplars_per_class,
-                                holdout_classes=scan.holdout, image_size=size)
+                                holdout_classes=scan.holdout, image_size=size, val_fraction=args.val_fraction)
     except (LayoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -167,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[make_shards] warning: {q}", file=sys.stderr)
     if scan.holdout is None and HOLDOUT[args.layout] is not None:  # a random fraction, not a fixed list
         print(holdout_note(manifest, args.holdout_fraction is None), file=sys.stderr)
-    indexed = [f"{s} {manifest['splits'][s]['images']}" for s in ("train", "holdout", "exemplars")
+    if "val" in manifest["splits"]:
+        val = manifest["splits"]["val"]
+        print(f"[make_shards] validation split: {val['classes']} class{'es' if val['classes'] != 1 else ''}, {val['images']} images in {args.out}/val "
+              f"(--val-fraction {args.val_fraction:g}); pick checkpoints on it with eval.data={args.out}/val",
+              file=sys.stderr)
+    indexed = [f"{s} {manifest['splits'][s]['images']}" for s in ("train", "holdout", "val", "exemplars")
                if (Path(args.out) / f"index-{s}.json").is_file()]
     print(f"[make_shards] per-sample index (samples): {', '.join(indexed)} in {args.out}/index-<split>.json + .bin")
     summary = {"out": args.out, "splits": manifest["splits"], "problems": len(manifest["problems"])}

@@ -215,7 +215,7 @@ class EvalConfig:
     metric: str = "recall@1"
     """What picks the best checkpoint (higher is better): ``recall@K`` for a K of ``eval.ks``, ``map@r``, ``nmi`` or ``f1``."""
     data: str = ""
-    """Shards evaluated during training; empty = ``data.eval``. Choosing the best checkpoint on the set that the final figures come from flatters them: give a separate validation split here for an unbiased ``data.eval``."""
+    """Shards evaluated during training; empty = ``data.eval``. Choosing the best checkpoint on the set that the final figures come from flatters them: give a separate validation split here for an unbiased ``data.eval`` (``python -m jobs.make_shards --val-fraction F`` writes one to ``OUT/val``). A ``val`` or ``holdout`` split of a shard set, never ``train``."""
     max_images: int = 2000
     """At most this many images of ``eval.data`` are evaluated during training (whole shards in a seeded order; decoded once, kept in rank 0's memory). The end-of-run evaluation uses all of ``data.eval``."""
     untrained: bool = False

@@ -1,6 +1,6 @@
 """Per-sample index of a shard set: any sample's JPEG bytes by one positional read.
 
-For each split (``train``, ``holdout``, ``exemplars`` when there are exemplar shards) the
+For each split (``train``, ``holdout``; ``val`` and ``exemplars`` when they have shards) the
 shard set directory ``OUT`` holds two files beside ``manifest.json``:
 
 * ``index-<split>.json``, the header: ``format`` (``dml-pipeline/index-v1``), ``rows``, the
@@ -67,7 +67,7 @@ from pipeline.data.manifest import MANIFEST, ShardError
 from pipeline.data.reader import TarReadError, iter_tar
 
 FORMAT = "dml-pipeline/index-v1"
-SPLITS = ("train", "holdout", "exemplars")
+SPLITS = ("train", "holdout", "val", "exemplars")
 _BASE_COLUMNS = (("shard", "<u4"), ("offset", "<u8"), ("size", "<u4"), ("label", "<i4"))
 _ALIGN = 64
 
@@ -291,7 +291,7 @@ def build_index(root: str | Path, workers: int | None = None) -> list[dict]:
             scans = dict(zip(todo, pool.map(_scan_job, jobs, chunksize=max(1, len(jobs) // (8 * workers)))))
     out = []
     for split in SPLITS:
-        if split == "exemplars" and not per_split[split]:
+        if split in ("val", "exemplars") and not per_split[split]:
             remove_index(root, split)
             continue
         out.append(write_index(root, split, per_split[split], scans, fields))

@@ -96,8 +96,8 @@ def find_remote_manifest(spec: str) -> tuple[bytes, str, str] | None:
 FALLBACK_IMAGE_SIZE = 64
 """``data.image_size`` when it is 0 and the shards keep their source sizes (or have no manifest)."""
 
-SPLIT_OF_KEY = {"data.train": "train", "data.eval": "holdout", "eval.data": "holdout"}
-"""The split each config key must stay within."""
+SPLIT_OF_KEY = {"data.train": ("train",), "data.eval": ("holdout",), "eval.data": ("val", "holdout")}
+"""The splits each config key must stay within (the first is the one to use)."""
 
 
 def iter_labelled(paths: list[str], fs=None):
@@ -140,8 +140,10 @@ def manifest_dir(spec: str) -> Path | None:
 def check_split(spec: str, key: str) -> None:
     """Refuse a shard spec for config ``key`` that holds shards of another split of its shard set.
 
-    ``key`` is ``data.train`` (must hold only ``train`` shards) or ``data.eval`` (only
-    ``holdout`` shards). Shards the manifest does not list are not judged. Raises ShardError
+    ``key`` is ``data.train`` (must hold only ``train`` shards), ``data.eval`` (only
+    ``holdout`` shards) or ``eval.data`` (``val`` or ``holdout`` shards, not a mix: the
+    validation split of ``make_shards --val-fraction``, or the held-out set itself).
+    Shards the manifest does not list are not judged. Raises ShardError
     naming the splits it found and the path to use instead; returns quietly for an empty
     spec, a URI or a shard set without a manifest.
     """
@@ -151,17 +153,20 @@ def check_split(spec: str, key: str) -> None:
     manifest = find_manifest(str(root))
     split_of = {s["path"]: s["split"] for s in manifest.get("shards", [])}
     split_of.update({s["path"]: "exemplars" for s in manifest.get("exemplar_shards", [])})
-    want = SPLIT_OF_KEY[key]
+    allowed = SPLIT_OF_KEY[key]
     paths, _ = list_shards(spec)
     found: dict[str, int] = {}
     for p in paths:
         split = split_of.get(os.path.relpath(p, root).replace(os.sep, "/"))
-        if split is not None and split != want:
+        if split is not None:
             found[split] = found.get(split, 0) + 1
-    if found:
-        what = ", ".join(f"{n} {split} shard{'s' if n > 1 else ''}" for split, n in sorted(found.items()))
+    wrong = {split: n for split, n in found.items() if split not in allowed}
+    if wrong or len(found) > 1:
+        shown = wrong or found
+        what = ", ".join(f"{n} {split} shard{'s' if n > 1 else ''}" for split, n in sorted(shown.items()))
+        use = next((s for s in allowed if any(e["split"] == s for e in manifest.get("shards", []))), allowed[0])
         raise ShardError(f"{key}='{spec}' takes in {what} of the shard set in '{root}'; training and evaluation "
-                         f"must not mix splits: use {key}='{root / want}'")
+                         f"must not mix splits: use {key}='{root / use}'")
 
 
 def resolve_image_size(cfg) -> int:

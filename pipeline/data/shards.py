@@ -208,8 +208,9 @@ def write_shards(
     exemplars: int = 0,
     holdout_classes: set[str] | None = None,
     image_size: int = 0,
+    val_fraction: float = 0.0,
 ) -> dict:
-    """Write class-grouped shards of ``classes`` to ``OUT/train`` and ``OUT/holdout``.
+    """Write class-grouped shards of ``classes`` to ``OUT/train`` and ``OUT/holdout`` (and ``OUT/val``).
 
     With ``exemplars`` > 0 also ``OUT/exemplars``: the first ``exemplars`` images of each
     train class (for the miner's refresh; ``jobs.make_shards`` writes 2 by default).
@@ -218,7 +219,13 @@ def write_shards(
     ``holdout_classes`` is given, exactly the classes with those names (all of them is
     allowed: an evaluation-only set such as LFW); class ids are the index of the class in
     name order, while the order in which classes fill each split's shards is a permutation
-    drawn from ``seed`` (reproducible, independent of the holdout draw). Per-image
+    drawn from ``seed`` (reproducible, independent of the holdout draw). With
+    ``val_fraction`` > 0, that fraction of the classes not held out (rounded, by its own
+    generator from ``seed``: the holdout draw and the order of the train and holdout shards
+    stay what they were) goes to ``OUT/val`` instead of ``train``: a validation split for
+    ``eval.data``, so that choosing the best checkpoint does not look at the held-out
+    classes whose figures are reported (Musgrave et al. 2020, "A Metric Learning Reality
+    Check"). Per-image
     ``extras`` of the classes are written as ``<key>.<field>``; every class must carry the
     same fields. ``image_size`` > 0 resizes images to that square side.
     Unreadable and missing images are skipped and listed in the manifest's ``problems``
@@ -233,6 +240,8 @@ def write_shards(
     out = Path(out)
     if not 0.0 <= holdout_fraction < 1.0:
         raise ValueError(f"--holdout-fraction must be in [0, 1), got {holdout_fraction}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_size < 2:
         raise ValueError(f"--shard-size must be >= 2, got {shard_size}")
     if image_size < 0:
@@ -248,10 +257,17 @@ def write_shards(
         rng = np.random.default_rng(seed)
         n_hold = int(round(len(classes) * holdout_fraction))
         hold_ids = set(rng.permutation(len(classes))[:n_hold].tolist())
+    kept = [cid for cid in range(len(classes)) if cid not in hold_ids]
+    n_val = int(round(len(kept) * val_fraction))
+    if n_val and n_val >= len(kept) - 1:
+        raise ValueError(f"--val-fraction {val_fraction:g} leaves {len(kept) - n_val} of {len(kept)} classes not held "
+                         f"out for training: at least 2 are needed")
+    val_ids = {kept[i] for i in np.random.default_rng([seed, 2]).permutation(len(kept))[:n_val].tolist()}
+    split_of = {cid: "holdout" if cid in hold_ids else "val" if cid in val_ids else "train" for cid in range(len(classes))}
     out.mkdir(parents=True, exist_ok=True)
-    splits = {"train": [], "holdout": []}
+    splits = {"train": [], "holdout": []} | ({"val": []} if val_ids else {})
     for cid, items in enumerate(classes):
-        splits["holdout" if cid in hold_ids else "train"].append((cid, items))
+        splits[split_of[cid]].append((cid, items))
     # Shards hold classes in a seeded random order, not name order, so that the classes read
     # together (a shard, neighbouring shards) are a random set. Its own generator: the
     # holdout draw above stays what it was for a seed.
@@ -324,13 +340,14 @@ def write_shards(
         "seed": seed,
         "holdout_fraction": holdout_fraction if holdout_classes is None else len(hold_ids) / max(1, len(classes)),
         "holdout_fixed": holdout_classes is not None,
+        "val_fraction": val_fraction,
         "image_size": image_size,
         "extra_fields": extra_fields,
         "classes": [
             {
                 "id": cid,
                 "name": items.name,
-                "split": "holdout" if cid in hold_ids else "train",
+                "split": split_of[cid],
                 "count": per_class.get(cid, {}).get("count", 0),
                 "shards": per_class.get(cid, {}).get("shards", []),
             }
@@ -345,7 +362,7 @@ def write_shards(
                 "images": sum(e["count"] for e in shard_list if e["split"] == s),
                 "shards": sum(1 for e in shard_list if e["split"] == s),
             }
-            for s in ("train", "holdout")
+            for s in splits
         }
         | {
             "exemplars": {
@@ -359,8 +376,10 @@ def write_shards(
         "problems": all_problems,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for split in ("train", "holdout"):
+    for split in splits:
         write_index(out, split, [e for e in shard_list if e["split"] == split], scans, extra_fields)
+    if "val" not in splits:
+        remove_index(out, "val")
     if ex_list:
         write_index(out, "exemplars", ex_list, scans, extra_fields)
     else:

@@ -46,6 +46,29 @@ def test_the_right_splits_pass(shards_112):
     check_split(str(shards_112 / "holdout"), "data.eval")
 
 
+@pytest.fixture(scope="module")
+def with_val(tmp_path_factory):
+    """8 classes x 2 images: 4 held out, 2 of the other 4 in a validation split."""
+    from pipeline.data.layouts import synthetic_classes
+    from pipeline.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("val")
+    write_shards(synthetic_classes(8, 2, image_size=16, seed=0), out, holdout_fraction=0.5, shard_size=4, seed=0,
+                 workers=1, progress=False, val_fraction=0.5)
+    return out
+
+
+def test_eval_data_takes_a_validation_split_or_the_holdout_but_not_train_nor_a_mix(with_val):
+    check_split(str(with_val / "val"), "eval.data")
+    check_split(str(with_val / "holdout"), "eval.data")
+    with pytest.raises(ShardError, match=f"takes in 1 train shard.*use eval.data='{with_val / 'val'}'"):
+        check_split(str(with_val / "train"), "eval.data")
+    with pytest.raises(ShardError, match="2 holdout shards, 1 val shard"):
+        check_split(f"{with_val}/[hv]*/*.tar", "eval.data")
+    with pytest.raises(ShardError, match=f"use data.eval='{with_val / 'holdout'}'"):
+        check_split(str(with_val / "val"), "data.eval")
+
+
 def test_a_112_px_shard_set_trains_at_112_unless_told_otherwise(shards_112, capsys):
     cfg = load_config(None, [f"data.train={shards_112}/train", f"data.eval={shards_112}/holdout"])
     assert cfg.data.image_size == 0

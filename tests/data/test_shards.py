@@ -152,6 +152,34 @@ def test_no_holdout(tmp_path):
     assert m["splits"]["train"]["classes"] == 4
 
 
+def test_a_validation_split_comes_out_of_train_and_leaves_holdout_and_order_alone(synth, tmp_path):
+    classes, out, manifest = synth
+    with_val = _write(classes, tmp_path, holdout_fraction=0.3, shard_size=12, seed=1, exemplars=1, val_fraction=0.3)
+    split = {c["id"]: c["split"] for c in with_val["classes"]}
+    before = {c["id"]: c["split"] for c in manifest["classes"]}
+    assert {c for c, s in split.items() if s == "holdout"} == {c for c, s in before.items() if s == "holdout"}
+    val = {c for c, s in split.items() if s == "val"}
+    assert len(val) == round(7 * 0.3) and all(before[c] == "train" for c in val)
+    read = {s["split"]: set() for s in with_val["shards"]}
+    for s in with_val["shards"]:
+        read[s["split"]] |= {cid for _, cid, _ in _tar_samples(tmp_path / s["path"])}
+    assert read["val"] == val and read["train"] == {c for c, s in split.items() if s == "train"}
+    assert with_val["splits"]["val"] == {"classes": 2, "images": 10, "shards": 1}
+    assert with_val["val_fraction"] == 0.3 and "val" not in manifest["splits"]
+    assert with_val["splits"]["exemplars"]["classes"] == 5  # the miner's exemplars: train classes only
+    from pipeline.data.index import load_index
+
+    index = load_index(tmp_path, "val", verify=True)
+    assert len(index) == 10 and set(index.label.tolist()) == val
+
+
+def test_a_validation_split_must_leave_two_training_classes(tmp_path):
+    with pytest.raises(ValueError, match="--val-fraction 0.9 leaves 0 of 4 classes"):
+        _write(synthetic_classes(8, 2, image_size=16), tmp_path, val_fraction=0.9)
+    with pytest.raises(ValueError, match=r"--val-fraction must be in \[0, 1\)"):
+        _write(synthetic_classes(8, 2, image_size=16), tmp_path, val_fraction=1.0)
+
+
 @pytest.mark.parametrize("kw", [{"holdout_fraction": 1.0}, {"holdout_fraction": -0.1}, {"shard_size": 1}])
 def test_bad_arguments(tmp_path, kw):
     with pytest.raises(ValueError):

@@ -32,6 +32,22 @@ def test_synthetic_writes_train_holdout_manifest(tmp_path, capsys):
     assert summary == {"out": str(out), "splits": manifest["splits"], "problems": 0}
 
 
+def test_a_validation_split_is_written_indexed_and_announced(tmp_path, capsys):
+    out = tmp_path / "shards"
+    rc = main(["--layout", "synthetic", "--num-classes", "10", "--images-per-class", "2", "--image-size", "16",
+               "--val-fraction", "0.2", "--workers", "1", "--out", str(out)])
+    assert rc == 0
+    captured = capsys.readouterr()
+    splits = _last_json(captured.out)["splits"]
+    assert (splits["train"]["classes"], splits["holdout"]["classes"], splits["val"]["classes"]) == (4, 5, 1)
+    assert f"validation split: 1 class, 2 images in {out}/val (--val-fraction 0.2)" in captured.err
+    assert f"eval.data={out}/val" in captured.err
+    assert "holdout 10, val 2, exemplars 8" in captured.out
+    assert (out / "index-val.json").is_file() and len(list((out / "val").glob("*.tar"))) == 1
+    (out / "index-val.json").unlink()
+    assert main(["--reindex", str(out)]) == 0 and (out / "index-val.json").is_file()
+
+
 def test_synthetic_shapes_layout_with_a_count_range(tmp_path, capsys):
     out = tmp_path / "shapes"
     rc = main(["--layout", "synthetic_shapes", "--num-classes", "8", "--images-per-class", "2-5", "--image-size", "16",
