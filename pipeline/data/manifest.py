@@ -151,15 +151,8 @@ def check_split(spec: str, key: str) -> None:
     if root is None:
         return
     manifest = find_manifest(str(root))
-    split_of = {s["path"]: s["split"] for s in manifest.get("shards", [])}
-    split_of.update({s["path"]: "exemplars" for s in manifest.get("exemplar_shards", [])})
     allowed = SPLIT_OF_KEY[key]
-    paths, _ = list_shards(spec)
-    found: dict[str, int] = {}
-    for p in paths:
-        split = split_of.get(os.path.relpath(p, root).replace(os.sep, "/"))
-        if split is not None:
-            found[split] = found.get(split, 0) + 1
+    found = splits_in(spec, root, manifest)
     wrong = {split: n for split, n in found.items() if split not in allowed}
     if wrong or len(found) > 1:
         shown = wrong or found
@@ -167,6 +160,30 @@ def check_split(spec: str, key: str) -> None:
         use = next((s for s in allowed if any(e["split"] == s for e in manifest.get("shards", []))), allowed[0])
         raise ShardError(f"{key}='{spec}' takes in {what} of the shard set in '{root}'; training and evaluation "
                          f"must not mix splits: use {key}='{root / use}'")
+
+
+def splits_in(spec: str, root: Path, manifest: dict) -> dict[str, int]:
+    """Split name -> how many of the shards ``spec`` lists belong to it, by the ``manifest`` of
+    the shard set at ``root`` (``exemplars`` for its exemplar shards; unlisted shards are not counted)."""
+    split_of = {s["path"]: s["split"] for s in manifest.get("shards", [])}
+    split_of.update({s["path"]: "exemplars" for s in manifest.get("exemplar_shards", [])})
+    paths, _ = list_shards(spec)
+    found: dict[str, int] = {}
+    for p in paths:
+        split = split_of.get(os.path.relpath(p, root).replace(os.sep, "/"))
+        if split is not None:
+            found[split] = found.get(split, 0) + 1
+    return found
+
+
+def spec_split(spec: str) -> str | None:
+    """The one split of its shard set's manifest that shard spec ``spec`` holds, or None (no
+    manifest, a URI, unlisted shards or a mix)."""
+    root = manifest_dir(spec)
+    if root is None:
+        return None
+    found = splits_in(spec, root, find_manifest(str(root)))
+    return next(iter(found)) if len(found) == 1 else None
 
 
 def resolve_image_size(cfg) -> int:

@@ -29,7 +29,7 @@ from pipeline import runtime, tracking
 from pipeline.config import Config, dump_yaml
 from pipeline.data import report
 from pipeline.data.cache import index_spec
-from pipeline.data.manifest import absolute_spec, class_models, find_manifest, prepare_data
+from pipeline.data.manifest import absolute_spec, class_models, find_manifest, prepare_data, spec_split
 from pipeline.data.planner_actor import create_planner, planner_name
 from pipeline.data.stream import build_train_datasets, data_config, stream_shape
 from pipeline.eval.evaluate import evaluate_state, log_plots
@@ -181,8 +181,11 @@ def log_model(cfg: Config, uri: str, run_id: str, state: dict) -> dict:
 
 
 def shard_inputs(cfg: Config) -> list:
-    """The run's MLflow dataset inputs: ``data.train`` (context train) and ``data.eval`` (eval), digests from the manifest."""
+    """The run's MLflow dataset inputs: ``data.train`` (context train), ``data.eval`` (eval) and
+    ``eval.data`` (validation: the set that picks the best checkpoint), digests from the manifest."""
     sets = [("train", cfg.data.train, "train")] + ([("eval", cfg.data.eval, "holdout")] if cfg.data.eval else [])
+    if cfg.eval.data:
+        sets.append(("validation", cfg.eval.data, spec_split(cfg.eval.data) or "val"))
     return [tracking.shard_dataset(context, spec, find_manifest(spec), split) for context, spec, split in sets]
 
 

@@ -69,6 +69,23 @@ def test_eval_data_takes_a_validation_split_or_the_holdout_but_not_train_nor_a_m
         check_split(str(with_val / "val"), "data.eval")
 
 
+def test_the_validation_split_is_a_run_input_of_its_own(with_val):
+    import json
+
+    from pipeline.data.manifest import spec_split
+    from pipeline.train.driver import shard_inputs
+
+    assert (spec_split(str(with_val / "val")), spec_split(str(with_val / "holdout"))) == ("val", "holdout")
+    assert spec_split(f"{with_val}/[hv]*/*.tar") is None and spec_split("s3://bucket/val") is None
+    cfg = load_config(None, [f"data.train={with_val}/train", f"data.eval={with_val}/holdout",
+                             f"eval.data={with_val}/val"])
+    inputs = {i.tags[0].value: i.dataset for i in shard_inputs(cfg)}
+    assert sorted(inputs) == ["eval", "train", "validation"]
+    assert inputs["validation"].name == f"{with_val.name}/val"
+    assert json.loads(inputs["validation"].profile)["classes"] == 2
+    assert inputs["validation"].digest != inputs["eval"].digest
+
+
 def test_a_112_px_shard_set_trains_at_112_unless_told_otherwise(shards_112, capsys):
     cfg = load_config(None, [f"data.train={shards_112}/train", f"data.eval={shards_112}/holdout"])
     assert cfg.data.image_size == 0
