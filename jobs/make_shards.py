@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print(holdout_note(manifest, args.holdout_fraction is None), file=sys.stderr)
     if "val" in manifest["splits"]:
         val = manifest["splits"]["val"]
-        print(f"[make_shards] validation split: {val['classes']} class{'es' if val['classes'] != 1 else ''}, {val['images']} images in {args.out}/val "
+        classes = f"{val['classes']} class{'es' if val['classes'] != 1 else ''}"
+        print(f"[make_shards] validation split: {classes}, {val['images']} images in {args.out}/val "
               f"(--val-fraction {args.val_fraction:g}); pick checkpoints on it with eval.data={args.out}/val",
               file=sys.stderr)
     indexed = [f"{s} {manifest['splits'][s]['images']}" for s in ("train", "holdout", "val", "exemplars")

@@ -221,8 +221,9 @@ def write_shards(
     name order, while the order in which classes fill each split's shards is a permutation
     drawn from ``seed`` (reproducible, independent of the holdout draw). With
     ``val_fraction`` > 0, that fraction of the classes not held out (rounded, by its own
-    generator from ``seed``: the holdout draw and the order of the train and holdout shards
-    stay what they were) goes to ``OUT/val`` instead of ``train``: a validation split for
+    generator from ``seed``: the held-out classes stay those of ``val_fraction`` 0, while the
+    order of the classes in the shards is drawn anew) goes to ``OUT/val`` instead of
+    ``train``: a validation split for
     ``eval.data``, so that choosing the best checkpoint does not look at the held-out
     classes whose figures are reported (Musgrave et al. 2020, "A Metric Learning Reality
     Check"). Per-image
@@ -263,7 +264,8 @@ def write_shards(
         raise ValueError(f"--val-fraction {val_fraction:g} leaves {len(kept) - n_val} of {len(kept)} classes not held "
                          f"out for training: at least 2 are needed")
     val_ids = {kept[i] for i in np.random.default_rng([seed, 2]).permutation(len(kept))[:n_val].tolist()}
-    split_of = {cid: "holdout" if cid in hold_ids else "val" if cid in val_ids else "train" for cid in range(len(classes))}
+    split_of = {cid: "holdout" if cid in hold_ids else "val" if cid in val_ids else "train"
+                for cid in range(len(classes))}
     out.mkdir(parents=True, exist_ok=True)
     splits = {"train": [], "holdout": []} | ({"val": []} if val_ids else {})
     for cid, items in enumerate(classes):
