@@ -22,7 +22,9 @@ touches the pages of the rows it asks for.
 
 Size: 20 bytes per sample (+4 per extra field) plus ~200 bytes of header per shard:
 CASIA-WebFace (494k images, 10.5k classes, ~495 shards of 1000) 9.9 MB + 97 kB;
-WebFace42M (42.5M images, 2.06M classes, ~42.5k shards) 849 MB + 8.3 MB. On disk; the
+WebFace42M (42.5M images, 2.06M classes, ~42.5k shards) 849 MB + 8.3 MB, over all splits
+(a ``val`` split moves rows out of ``train``: ``--val-fraction 0.01`` of WebFace42M's train
+classes is ~8 MB of them). On disk; the
 columns are memory-mapped, so a reader holds only the pages it touches (a batch of 384:
 at most 384 pages per column), and :func:`class_ranges` reads the 170 MB ``label`` column once.
 

@@ -176,13 +176,14 @@ def splits_in(spec: str, root: Path, manifest: dict) -> dict[str, int]:
     return found
 
 
-def spec_split(spec: str) -> str | None:
-    """The one split of its shard set's manifest that shard spec ``spec`` holds, or None (no
-    manifest, a URI, unlisted shards or a mix)."""
+def spec_split(spec: str, manifest: dict | None = None) -> str | None:
+    """The one split of its shard set's manifest (read unless given) that shard spec ``spec``
+    holds, or None (no manifest, a URI, unlisted shards or a mix)."""
     root = manifest_dir(spec)
-    if root is None:
+    manifest = manifest if manifest is not None or root is None else find_manifest(str(root))
+    if root is None or manifest is None:
         return None
-    found = splits_in(spec, root, find_manifest(str(root)))
+    found = splits_in(spec, root, manifest)
     return next(iter(found)) if len(found) == 1 else None
 
 
