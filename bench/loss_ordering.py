@@ -5,8 +5,8 @@
 
 Runs ``jobs.train`` once per (loss, seed) on the quickstart data (made if missing) with
 ``configs/quickstart_<loss>.yaml`` (``configs/quickstart.yaml`` for npair_mc,
-``configs/quickstart_mining.yaml`` for npair_mc_mined: N-pair-mc + hard class mining,
-``--mined-pool`` candidate classes, default the config's), tracks the
+``configs/quickstart_mining.yaml`` for npair_mc_mined: N-pair-mc + Sohn's hard class mining
+with ``miner.source=exemplars``, ``--mined-pool`` candidate classes, default the config's), tracks the
 runs in ``bench/out/mlflow.db`` (experiment ``loss-ordering``), prints a table and a final
 JSON line. Extra ``key=value`` overrides after ``--`` go to every run.
 """
@@ -59,7 +59,9 @@ def main() -> int:
     results: dict[str, list[dict]] = {}
     for loss in args.losses:
         cfg = ROOT / "configs" / CONFIGS.get(loss, f"quickstart_{loss}.yaml")
-        extra = [f"miner.pool_classes={args.mined_pool}"] if loss == "npair_mc_mined" and args.mined_pool else []
+        # Sohn's mining re-embeds exemplars; the mining config's cheaper default source is ema.
+        extra = (["miner.source=exemplars", *([f"miner.pool_classes={args.mined_pool}"] if args.mined_pool else [])]
+                 if loss == "npair_mc_mined" else [])
         for seed in args.seeds:
             t0 = time.time()
             cmd = [sys.executable, "-m", "jobs.train", "--config", str(cfg), f"train.seed={seed}",

@@ -61,16 +61,17 @@ def side_by_side(uri: str, run_id: str, from_step: int) -> dict:
 
 ARMS = {
     "random": ["miner.enabled=false"],
-    "mined": ["miner.enabled=true"],
-    "knn": ["miner.enabled=true", "miner.candidates=knn"],
+    "mined": ["miner.enabled=true", "miner.source=exemplars"],
+    "knn": ["miner.enabled=true", "miner.source=exemplars", "miner.candidates=knn"],
     "ema": ["miner.enabled=true", "miner.source=ema"],
     "knn_ema": ["miner.enabled=true", "miner.candidates=knn", "miner.source=ema"],
-    "trainers": ["miner.enabled=true", "miner.refresh_by=trainers"],
+    "trainers": ["miner.enabled=true", "miner.source=exemplars", "miner.refresh_by=trainers"],
 }
 """The runs compared per seed: ``random`` batches, and mining with Sohn's random candidate set
 (``mined``: exemplars embedded by the refresher actor's Ray Data tasks, as ``refresh_by: auto``
 does on CPUs), FAISS nearest neighbours of a seed class (``knn``), EMA class embeddings
-(``ema``), exemplars embedded by the training workers (``trainers``, as on a full GPU cluster)."""
+(``ema``, the mining config's source), exemplars embedded by the training workers (``trainers``, as on a
+full GPU cluster). Each arm names its source: the config's own does not decide what an arm measures."""
 
 
 def recall_at(uri: str, run_id: str, metric: str, steps: list[int]) -> dict[int, float]:

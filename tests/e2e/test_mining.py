@@ -51,6 +51,7 @@ def test_train_with_miner_logs_mining_metrics_and_survives_a_miner_kill(tiny_sha
             f"data.train={tiny_shards}/train", "data.eval=", "data.image_size=32", f"train.steps={STEPS}",
             "train.log_every=10", "batch.classes_per_batch=4", "miner.pool_classes=8", "miner.refresh_every=5",
             "miner.timeout_s=1.0", "train.run_name=e2e-mining",
+            "miner.source=exemplars",  # the refresher's versions are what this test follows (the config ships ema)
             "data.max_lead=16",  # selections 16 steps ahead of training (default 128): the kill shows within the run
             "miner.warmup_steps=0",  # mine from the first step (the config warms up for 128)
             "miner.hardness_every=10"]
