@@ -199,7 +199,7 @@ class TrackingConfig:
     experiment: str = "dml"
     """MLflow experiment name."""
     retry_s: float = 120.0
-    """Seconds the driver keeps retrying MLflow at the end of a run (final metrics, artifacts, run status) when the server is unreachable; during training, metrics are buffered instead and never block a step."""
+    """Seconds the driver keeps retrying MLflow at the start of a run (experiment, run, params, config) and at its end (final metrics, artifacts, run status) when the server is unreachable or times out; during training, metrics are buffered instead and never block a step."""
     register_model: str = ""
     """Register the run's logged model (``runs:/<run id>/model``) under this name in the MLflow model registry (a new version per run: ``models:/NAME/1``, ...); empty = log it without registering."""
 

@@ -166,17 +166,30 @@ def experiment_id(uri: str, name: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def start_run(cfg, config_yaml: str, dataset: str = "", inputs: list | None = None) -> tuple[str, str]:
+START_TOKEN_TAG = "start_token"
+"""Tag holding a random token per :func:`start_run` call: a retried ``create_run`` whose first
+attempt reached the server (its answer lost to a timeout) finds that run instead of making a second."""
+
+
+def start_run(cfg, config_yaml: str, dataset: str = "", inputs: list | None = None,
+              retry_s: float | None = None) -> tuple[str, str]:
     """Create the MLflow run for a training job: tags, flat params, ``config.yaml`` artifact, dataset inputs.
 
     Tags include MLflow's own: ``mlflow.source.git.commit`` (full), ``mlflow.source.name``
     (the job), ``mlflow.note.content`` (:func:`describe`). ``inputs``: ``DatasetInput`` s
-    (:func:`shard_dataset`). Returns ``(tracking_uri, run_id)``.
+    (:func:`shard_dataset`). Each call to the server is retried for up to ``retry_s``
+    seconds (default ``tracking.retry_s``), so a job started while its tracking server is
+    down or slow waits for it instead of failing; a retried run creation never makes a
+    second run (:data:`START_TOKEN_TAG`). Returns ``(tracking_uri, run_id)``.
     """
+    import uuid
+
     from pipeline.config import to_flat_dict
 
     uri = resolve_uri(cfg.tracking.uri)
+    retry_s = cfg.tracking.retry_s if retry_s is None else retry_s
     client = _client(uri)
+    token = uuid.uuid4().hex
     tags = {
         "dataset": dataset or Path(cfg.data.train.rstrip("/")).parent.name or cfg.data.train,
         "loss": cfg.loss.name,
@@ -188,17 +201,33 @@ def start_run(cfg, config_yaml: str, dataset: str = "", inputs: list | None = No
         "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "jobs.train",
         "mlflow.source.type": "LOCAL",
         "mlflow.note.content": describe(cfg),
+        START_TOKEN_TAG: token,
     }
-    run = client.create_run(experiment_id(uri, cfg.tracking.experiment), run_name=cfg.train.run_name or None, tags=tags)
-    run_id = run.info.run_id
+    exp_id = call_with_retries(lambda: experiment_id(uri, cfg.tracking.experiment),
+                               f"opening experiment '{cfg.tracking.experiment}' in {uri}", retry_s)
+    tries = 0
+
+    def create():
+        nonlocal tries
+        tries += 1
+        if tries > 1:  # an earlier attempt may have made the run before its answer was lost
+            made = client.search_runs([exp_id], filter_string=f"tags.{START_TOKEN_TAG} = '{token}'", max_results=1)
+            if made:
+                return made[0]
+        return client.create_run(exp_id, run_name=cfg.train.run_name or None, tags=tags)
+
+    run_id = call_with_retries(create, f"creating a run in {uri}", retry_s).info.run_id
     from mlflow.entities import Param
 
     params = [Param(k, str(v)[:6000]) for k, v in sorted(to_flat_dict(cfg).items())]
     for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i : i + 100])
-    client.log_text(run_id, config_yaml, "config.yaml")
+        call_with_retries(lambda: client.log_batch(run_id, params=params[i : i + 100]),
+                          f"logging params to run {run_id}", retry_s)
+    call_with_retries(lambda: client.log_text(run_id, config_yaml, "config.yaml"),
+                      f"uploading config.yaml to run {run_id}", retry_s)
     if inputs:
-        client.log_inputs(run_id, datasets=inputs)
+        call_with_retries(lambda: client.log_inputs(run_id, datasets=inputs),
+                          f"logging dataset inputs of run {run_id}", retry_s)
     return uri, run_id
 
 
@@ -341,36 +370,43 @@ def log_artifacts(uri: str, run_id: str, local_dir: str, artifact_path: str | No
                       f"uploading {artifact_path} to run {run_id}", retry_s)
 
 
-def find_run(uri: str, experiment: str, run_name: str) -> str | None:
+def find_run(uri: str, experiment: str, run_name: str, retry_s: float = 0.0) -> str | None:
     """Id of the newest run named ``run_name`` in ``experiment`` that did not finish, else None.
 
-    A run ended FINISHED is never picked: a new job with that name starts a new run.
+    A run ended FINISHED is never picked: a new job with that name starts a new run. Each
+    call to the server is retried for up to ``retry_s`` seconds.
     """
     client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
+    exp = call_with_retries(lambda: client.get_experiment_by_name(experiment),
+                            f"looking up experiment '{experiment}' in {uri}", retry_s)
     if exp is None or not run_name:
         return None
     quoted = run_name.replace("'", "\\'")
-    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
-                              order_by=["attributes.start_time DESC"], max_results=20)
+    runs = call_with_retries(
+        lambda: client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{quoted}'",
+                                   order_by=["attributes.start_time DESC"], max_results=20),
+        f"looking up run '{run_name}' in {uri}", retry_s)
     for run in runs:
         if run.info.status != "FINISHED":
             return run.info.run_id
     return None
 
 
-def resume_run(uri: str, run_id: str, config_yaml: str, step: int) -> None:
+def resume_run(uri: str, run_id: str, config_yaml: str, step: int, retry_s: float = 0.0) -> None:
     """Reopen run ``run_id`` (status RUNNING) for a job that continues it from ``step``.
 
     Params are not logged again (MLflow refuses changed values); the resumed job's config
     goes to ``config_resumed_step<step>.yaml`` and the tag ``resumed_from_step`` says where
-    training picked up. Raises LookupError for an unknown run id.
+    training picked up. Raises LookupError for an unknown run id. Each call to the server
+    is retried for up to ``retry_s`` seconds (all of them are idempotent).
     """
-    get_run(uri, run_id)
+    call_with_retries(lambda: get_run(uri, run_id), f"looking up run {run_id}", retry_s)
     client = _client(uri)
-    client.update_run(run_id, status="RUNNING")
-    client.set_tag(run_id, "resumed_from_step", str(step))
-    client.log_text(run_id, config_yaml, f"config_resumed_step{step}.yaml")
+    call_with_retries(lambda: client.update_run(run_id, status="RUNNING"), f"reopening run {run_id}", retry_s)
+    call_with_retries(lambda: client.set_tag(run_id, "resumed_from_step", str(step)),
+                      f"tagging run {run_id}", retry_s)
+    call_with_retries(lambda: client.log_text(run_id, config_yaml, f"config_resumed_step{step}.yaml"),
+                      f"uploading the resumed config to run {run_id}", retry_s)
 
 
 def open_run(cfg, config_yaml: str, name: str, latest: dict | None, inputs: list | None = None) -> tuple[str, str]:
@@ -379,20 +415,22 @@ def open_run(cfg, config_yaml: str, name: str, latest: dict | None, inputs: list
     ``latest`` is the checkpoint the job resumes from (``pipeline.train.checkpoint.
     resume_point``): its ``run_id`` is reopened. Without one, an unfinished MLflow run named
     ``train.run_name`` (killed before its first checkpoint) is reopened, else a new run is
-    started (with ``inputs``, see :func:`start_run`). Returns ``(tracking_uri, run_id)``.
+    started (with ``inputs``, see :func:`start_run`). Every call to the server is retried for
+    up to ``tracking.retry_s`` seconds. Returns ``(tracking_uri, run_id)``.
     """
     uri = resolve_uri(cfg.tracking.uri)
     if latest is not None:
         run_id, step = latest["run_id"], int(latest["step"])
         print(f"[train] resuming run {run_id} ({name}) from step {step}", flush=True)
     else:
-        run_id = find_run(uri, cfg.tracking.experiment, cfg.train.run_name) if cfg.train.run_name else None
+        run_id = (find_run(uri, cfg.tracking.experiment, cfg.train.run_name, cfg.tracking.retry_s)
+                  if cfg.train.run_name else None)
         step = 0
         if run_id is not None:
             print(f"[train] resuming run {run_id} ({name}) from step 0: it has no checkpoint yet", flush=True)
     if run_id is None:
         return start_run(cfg, config_yaml, inputs=inputs)
-    resume_run(uri, run_id, config_yaml, step)
+    resume_run(uri, run_id, config_yaml, step, cfg.tracking.retry_s)
     return uri, run_id
 
 
@@ -411,12 +449,14 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", retry_s: float = 0.
 
 
 def get_run(uri: str, run_id: str):
-    """The MLflow run object; raises a clear error for an unknown id."""
+    """The MLflow run object; raises LookupError for an unknown id (an unreachable server raises MLflow's error)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return _client(uri).get_run(run_id)
     except MlflowException as e:
+        if getattr(e, "error_code", "") not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
         raise LookupError(f"MLflow run '{run_id}' not found in '{uri}': {e.message}") from None
 
 

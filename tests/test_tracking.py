@@ -197,3 +197,110 @@ def test_end_run_gives_up_after_retry_s(monkeypatch):
     with pytest.raises(MlflowException):
         tracking.end_run(f"http://127.0.0.1:{_free_port()}", "0" * 32, "FAILED", retry_s=3)
     assert time.monotonic() - t0 < 20
+
+
+class _LosingProxy:
+    """A loopback TCP proxy in front of a real server that forwards every request but swallows
+    the answers to the first ``drops`` requests whose first bytes contain ``marker``, closing
+    that connection instead: the request took effect, the client never hears of it (what a
+    read timeout against a slow server looks like to the client)."""
+
+    def __init__(self, target_port: int, marker: bytes, drops: int = 1) -> None:
+        import socket
+        import threading
+
+        self.target_port, self.marker, self.drops, self.dropped = target_port, marker, drops, 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.uri = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            state = {"swallow": False}
+            threading.Thread(target=self._up, args=(client, server, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, state), daemon=True).start()
+
+    def _up(self, client, server, state) -> None:
+        try:
+            while data := client.recv(65536):
+                # HTTP/1.1 without pipelining: a new request starts only after the last answer arrived.
+                with self.lock:
+                    if self.marker in data and self.dropped < self.drops:
+                        self.dropped += 1
+                        state["swallow"] = True
+                server.sendall(data)
+        except OSError:
+            pass
+
+    def _down(self, server, client, state) -> None:
+        try:
+            while data := server.recv(65536):
+                if state["swallow"]:
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        for s in (client, server):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_run_created_whose_answer_was_lost_is_not_created_twice(mlflow_server, monkeypatch, capfd):
+    """The server makes the run but its answer never arrives (a read timeout on a loaded machine):
+    start_run retries and finds that run by its start token instead of making a second one."""
+    from mlflow.tracking import MlflowClient
+
+    for k in tracking.HTTP_ENV_DEFAULTS:
+        monkeypatch.delenv(k, raising=False)
+    proxy = _LosingProxy(mlflow_server.port, b"/runs/create")
+    try:
+        cfg = load_config(None, [f"tracking.uri={proxy.uri}", "tracking.experiment=lossy", "tracking.retry_s=60"])
+        uri, run_id = tracking.start_run(cfg, dump_yaml(cfg))
+    finally:
+        proxy.close()
+    assert proxy.dropped == 1
+    assert "creating a run" in capfd.readouterr().err  # the one retry was announced
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    exp = client.get_experiment_by_name("lossy")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert runs[0].data.params["tracking.experiment"] == "lossy"
+    assert runs[0].data.tags[tracking.START_TOKEN_TAG]
+    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml"}
+
+
+def test_a_job_started_while_the_server_is_down_waits_for_it(mlflow_server, monkeypatch):
+    """open_run (what the driver calls first) retries for tracking.retry_s instead of failing the job."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    for k in tracking.HTTP_ENV_DEFAULTS:
+        monkeypatch.delenv(k, raising=False)
+    mlflow_server.stop()
+    restart = threading.Timer(3.0, mlflow_server.start)
+    restart.start()
+    cfg = load_config(None, [f"tracking.uri={mlflow_server.uri}", "tracking.experiment=late",
+                             "train.run_name=late", "tracking.retry_s=120"])
+    uri, run_id = tracking.open_run(cfg, dump_yaml(cfg), "late", None)
+    restart.join()
+    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.info.status == "RUNNING" and run.info.run_name == "late"
+    with pytest.raises(LookupError, match="not found"):
+        tracking.get_run(uri, "0" * 32)
